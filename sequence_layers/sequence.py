@@ -97,9 +97,7 @@ class Sequence(struct.PyTreeNode):
         return MaskedSequence(values, jnp.ones(values.shape[:2], MASK_DTYPE))
 
     @classmethod
-    def from_lengths(
-        cls, values: jax.Array, lengths: Any, is_masked: bool = False
-    ) -> Sequence:
+    def from_lengths(cls, values: jax.Array, lengths: Any, is_masked: bool = False) -> Sequence:
         """Row i has its first `lengths[i]` frames valid.
 
         With `is_masked=True` the caller promises invalid frames are already
@@ -117,9 +115,7 @@ class Sequence(struct.PyTreeNode):
         if not sequences:
             raise ValueError("concatenate_sequences needs at least one sequence.")
         result_type = (
-            MaskedSequence
-            if all(isinstance(s, MaskedSequence) for s in sequences)
-            else Sequence
+            MaskedSequence if all(isinstance(s, MaskedSequence) for s in sequences) else Sequence
         )
         values = jnp.concatenate([s.values for s in sequences], axis=1)
         mask = jnp.concatenate([s.mask for s in sequences], axis=1)
@@ -134,9 +130,7 @@ class Sequence(struct.PyTreeNode):
         """`fn` on values; the result is not guaranteed masked."""
         return Sequence(fn(self.values, *args, **kwargs), self.mask)
 
-    def apply_values_masked(
-        self, fn: Callable[..., jax.Array], *args: Any, **kwargs: Any
-    ) -> Self:
+    def apply_values_masked(self, fn: Callable[..., jax.Array], *args: Any, **kwargs: Any) -> Self:
         """`fn` on values, where `fn` maps zero frames to zero frames."""
         return type(self)(fn(self.values, *args, **kwargs), self.mask)
 

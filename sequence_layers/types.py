@@ -246,9 +246,7 @@ class SequenceLayer(nn.Module):
 
     # Running -----------------------------------------------------------------
 
-    def layer(
-        self, x: Sequence, *, training: bool, constants: Constants | None = None
-    ) -> Sequence:
+    def layer(self, x: Sequence, *, training: bool, constants: Constants | None = None) -> Sequence:
         """The whole sequence at once."""
         y, _ = self.layer_with_emits(x, training=training, constants=constants)
         return y
@@ -340,9 +338,7 @@ class Emitting(SequenceLayer):
     """A layer whose `*_with_emits` methods are primary; `layer` and `step`
     drop the emits."""
 
-    def layer(
-        self, x: Sequence, *, training: bool, constants: Constants | None = None
-    ) -> Sequence:
+    def layer(self, x: Sequence, *, training: bool, constants: Constants | None = None) -> Sequence:
         y, _ = self.layer_with_emits(x, training=training, constants=constants)
         return y
 
@@ -402,9 +398,7 @@ class StatelessPointwiseFunctor(StatelessPointwise):
     def fn(self, values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         raise NotImplementedError
 
-    def layer(
-        self, x: Sequence, *, training: bool, constants: Constants | None = None
-    ) -> Sequence:
+    def layer(self, x: Sequence, *, training: bool, constants: Constants | None = None) -> Sequence:
         values, mask = self.fn(x.values, x.mask)
         if self.mask_required or not isinstance(x, MaskedSequence):
             return Sequence(values, mask)

@@ -176,7 +176,9 @@ def compute_conv_mask(
         return mask[:, ::stride]
     # Step: `mask` is buffer ++ block, the buffer being `left` frames plus the
     # output-latency frames; output j sits at `j * stride + left`.
-    out_len = (mask.shape[1] - conv_buffer_width(padding, kernel_size, stride, dilation_rate)) // stride
+    out_len = (
+        mask.shape[1] - conv_buffer_width(padding, kernel_size, stride, dilation_rate)
+    ) // stride
     return mask[:, left : left + out_len * stride : stride]
 
 
@@ -320,9 +322,7 @@ def parallel_receptive_field_per_step(
 ) -> dict[int, ReceptiveField]:
     fields = list(fields)
     n = math.lcm(*(len(f) for f in fields))
-    return {
-        step: union_receptive_fields(f[step % len(f)] for f in fields) for step in range(n)
-    }
+    return {step: union_receptive_fields(f[step % len(f)] for f in fields) for step in range(n)}
 
 
 # Config-level queries ------------------------------------------------------
