@@ -44,7 +44,7 @@ class Sequence(struct.PyTreeNode):
             return
         if self.mask.dtype != MASK_DTYPE and self.mask.dtype != jax.dtypes.float0:
             raise ValueError(f"Sequence mask must be bool, got {self.mask.dtype=}.")
-        if self.values.ndim < 2 or self.mask.ndim != 2:
+        if len(self.values.shape) < 2 or len(self.mask.shape) != 2:
             raise ValueError(
                 f"Sequence needs values of rank >= 2 and a rank-2 mask, got "
                 f"{self.values.shape=} {self.mask.shape=}."

@@ -1,0 +1,1 @@
+"""The streaming server: runtime (models, sessions, scheduler) and front doors."""

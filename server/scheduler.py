@@ -1,0 +1,391 @@
+"""The `Scheduler`: one model's streams, stepped together on the device.
+
+- `state`: the model's state pytree for `max_streams` slots (+1 scratch slot
+  that pads buckets), the slot axis in place of each leaf's batch axis,
+  resident on device and donated to every tick so it updates in place.
+- One jit-compiled tick per power-of-two bucket, compiled before `start()`
+  returns: gather the slots' state, reset new streams to the initial state,
+  `step` one chunk of `[bucket, chunk_frames, *c]`, scatter the state back.
+  Streams not in a tick are not stepped at all, so their conv buffers and KV
+  windows do not move.
+- A tick starts when every stream that can run has a chunk ready, or when
+  `max_batch_delay_ms` has passed since the oldest ready chunk.
+
+Ticks run on a dedicated thread; transports talk to `Session`s on their
+asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import sequence_layers as sl
+from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from server.model import ModelInfo, ServableModel, round_up
+from server.session import Session
+from server.stats import StreamStats, TickStats
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Runtime knobs of one model (each is an `sl-serve` flag)."""
+
+    # Concurrent streams (device state slots).
+    max_streams: int = 32
+    # Chunk = chunk_blocks * block_size input frames per stream per tick.
+    chunk_blocks: int = 1
+    # Longest a ready chunk waits for other streams before a tick starts.
+    max_batch_delay_ms: float = 5.0
+    # A stream that sends nothing for this long ends with DEADLINE_EXCEEDED.
+    idle_timeout_s: float = 30.0
+    # Largest single chunk a client may send, in frames.
+    max_chunk_frames: int = 16000 * 10
+    # Frames a stream may have buffered ahead of processing.
+    max_buffered_frames: int = 16000 * 30
+    # Output messages queued for a client that is not reading; past this the
+    # stream is not scheduled (backpressure) ...
+    max_output_backlog: int = 64
+    # ... and if it stays stuck this long it ends with RESOURCE_EXHAUSTED.
+    slow_consumer_timeout_s: float = 30.0
+    # Shard slots over all local devices of the default backend.
+    shard: bool = True
+
+
+def buckets_for(max_streams: int) -> list[int]:
+    """Powers of two up to (and including one >=) max_streams."""
+    out, b = [], 1
+    while b < max_streams:
+        out.append(b)
+        b *= 2
+    out.append(b)
+    return out
+
+
+class Scheduler:
+    """Serves one model. `start()` compiles and starts ticking; see module doc."""
+
+    def __init__(
+        self,
+        model: ServableModel,
+        config: SchedulerConfig | None = None,
+        stats_sink: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config or SchedulerConfig()
+        self.layer = model.layer
+        self.chunk_frames = self.config.chunk_blocks * self.layer.block_size
+        ratio = self.layer.output_ratio
+        if (self.chunk_frames * ratio).denominator != 1:
+            raise ValueError(f"chunk of {self.chunk_frames} frames gives a fractional output.")
+        self.out_chunk_frames = int(self.chunk_frames * ratio)
+        self.info: ModelInfo = model.info(self.config.max_streams)
+        self.buckets = buckets_for(self.config.max_streams)
+        self.compile_seconds: dict[int, float] = {}
+        self.lock = threading.Lock()
+        self._cond = threading.Condition(self.lock)
+        self._sessions: dict[int, Session] = {}
+        self._free_slots = list(range(self.config.max_streams - 1, -1, -1))
+        self._stats_sink = stats_sink or (lambda _: None)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.draining = False
+        self.ready = False
+        self.ticks = 0
+
+    # Lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Allocates device state, compiles every bucket, starts the tick thread."""
+        self._build_state()
+        self._compile()
+        self._thread = threading.Thread(
+            target=self._run, name=f"tick-{self.model.name}", daemon=True
+        )
+        self._thread.start()
+        self.ready = True
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            for session in list(self._sessions.values()):
+                session._finish_locked(Unavailable("the server is shutting down."), "error")
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def active_streams(self) -> int:
+        with self.lock:
+            return len(self._sessions)
+
+    # Streams -----------------------------------------------------------------
+
+    def open_stream(
+        self, loop: asyncio.AbstractEventLoop | None = None, stream_id: str | None = None
+    ) -> Session:
+        """Admits a stream or refuses at once (no free slot, draining)."""
+        loop = loop or asyncio.get_running_loop()
+        with self._cond:
+            if self.draining or self._stopping:
+                self._stats_sink(StreamStats(self.model.name, "rejected"))
+                raise Unavailable("the server is draining; reconnect to another replica.")
+            if not self._free_slots:
+                self._stats_sink(StreamStats(self.model.name, "rejected"))
+                raise ResourceExhausted(
+                    f"model {self.model.name!r} is serving its maximum of "
+                    f"{self.config.max_streams} streams; retry later or use another replica."
+                )
+            slot = self._free_slots.pop()
+            session = Session(self, slot, stream_id or uuid.uuid4().hex, loop)
+            self._sessions[slot] = session
+            self._cond.notify_all()
+            return session
+
+    def _release(self, session: Session) -> None:
+        """Frees a finished session's slot (called under the lock)."""
+        if self._sessions.get(session.slot) is session:
+            del self._sessions[session.slot]
+            self._free_slots.append(session.slot)
+            self._stats_sink(
+                StreamStats(
+                    self.model.name,
+                    session.outcome or "ok",
+                    frames_in=session.frames_in,
+                    frames_out=session.frames_out,
+                    first_output_seconds=(
+                        None
+                        if session.first_output_at is None
+                        else session.first_output_at - session.opened_at
+                    ),
+                )
+            )
+            self._cond.notify_all()
+
+    # Device state and ticks --------------------------------------------------
+
+    def _build_state(self) -> None:
+        layer, spec = self.layer, self.model.input_spec
+        init = lambda b: layer.apply(  # noqa: E731
+            self.model.variables, b, spec, training=False, method=layer.get_initial_state
+        )
+        one, two = jax.eval_shape(lambda: init(1)), jax.eval_shape(lambda: init(2))
+        self._batch_axes = jax.tree.map(_batch_axis, one, two)
+        devices = jax.local_devices()
+        n_dev = len(devices) if self.config.shard else 1
+        # +1 scratch slot that pads buckets; rows divisible by the device count.
+        self.rows = round_up(self.config.max_streams + 1, n_dev)
+        self.scratch_slot = self.config.max_streams
+        self._init_one = jax.tree.map(jnp.asarray, init(1))
+        self._state_sharding: Any = None
+        if n_dev > 1:
+            mesh = Mesh(np.array(devices[:n_dev]), ("slots",))
+            self._state_sharding = jax.tree.map(
+                lambda ax: NamedSharding(mesh, PartitionSpec(*([None] * ax), "slots")),
+                self._batch_axes,
+            )
+        rows = self.rows
+        make = jax.jit(
+            lambda: jax.tree.map(
+                lambda a, ax: jnp.repeat(a, rows, axis=ax), self._init_one, self._batch_axes
+            ),
+            out_shardings=self._state_sharding,
+        )
+        self.state = make()
+
+    def _tick_fn(self) -> Callable[..., Any]:
+        layer, axes, init_one = self.layer, self._batch_axes, self._init_one
+
+        def tick(variables, state, slot_ids, reset, x, mask):  # type: ignore[no-untyped-def]
+            bucket = slot_ids.shape[0]
+            gathered = jax.tree.map(lambda a, ax: jnp.take(a, slot_ids, axis=ax), state, axes)
+            fresh = jax.tree.map(lambda a, ax: jnp.repeat(a, bucket, axis=ax), init_one, axes)
+            current = jax.tree.map(
+                lambda f, g, ax: jnp.where(_along(reset, ax, g.ndim), f, g), fresh, gathered, axes
+            )
+            y, new = layer.apply(
+                variables, sl.Sequence(x, mask), current, training=False, method=layer.step
+            )
+            state = jax.tree.map(
+                lambda a, n, ax: a.at[(slice(None),) * ax + (slot_ids,)].set(n), state, new, axes
+            )
+            return state, y.values.astype(jnp.float32), y.mask
+
+        return tick
+
+    def _compile(self) -> None:
+        spec = self.model.input_spec
+        fn = jax.jit(
+            self._tick_fn(),
+            donate_argnums=(1,),
+            out_shardings=(self._state_sharding, None, None) if self._state_sharding else None,
+        )
+        self._compiled: dict[int, Any] = {}
+        for bucket in self.buckets:
+            start = time.perf_counter()
+            args = (
+                self.model.variables,
+                self.state,
+                jax.ShapeDtypeStruct((bucket,), jnp.int32),
+                jax.ShapeDtypeStruct((bucket,), jnp.bool_),
+                jax.ShapeDtypeStruct((bucket, self.chunk_frames, *spec.shape), spec.dtype),
+                jax.ShapeDtypeStruct((bucket, self.chunk_frames), jnp.bool_),
+            )
+            self._compiled[bucket] = fn.lower(*args).compile()
+            self.compile_seconds[bucket] = time.perf_counter() - start
+
+    def run_tick(
+        self, slot_ids: np.ndarray, reset: np.ndarray, x: np.ndarray, mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One device call for a full bucket; returns host outputs. Public for
+        benchmarks, which compare it with the bare step."""
+        compiled = self._compiled[slot_ids.shape[0]]
+        self.state, y, y_mask = compiled(self.model.variables, self.state, slot_ids, reset, x, mask)
+        return np.asarray(y), np.asarray(y_mask)
+
+    # The tick loop -----------------------------------------------------------
+
+    def _run(self) -> None:
+        spec = self.model.input_spec
+        buffers = {
+            b: (
+                np.zeros((b, self.chunk_frames, *spec.shape), spec.dtype),
+                np.zeros((b, self.chunk_frames), np.bool_),
+                np.zeros((b,), np.int32),
+                np.zeros((b,), np.bool_),
+            )
+            for b in self.buckets
+        }
+        while True:
+            with self._cond:
+                batch = self._wait_for_batch()
+                if batch is None:
+                    return
+                tick_start = time.monotonic()
+                waits = [tick_start - (s.ready_since or tick_start) for s in batch]
+                bucket = next(b for b in self.buckets if b >= len(batch))
+                x, mask, slots, reset = buffers[bucket]
+                for i, session in enumerate(batch):
+                    session._pop_chunk(x[i], mask[i])
+                    slots[i] = session.slot
+                    reset[i] = session.reset_pending
+                    session.reset_pending = False
+                x[len(batch) :] = 0
+                mask[len(batch) :] = False
+                slots[len(batch) :] = self.scratch_slot
+                reset[len(batch) :] = True
+            start = time.perf_counter()
+            try:
+                y, y_mask = self.run_tick(slots, reset, x, mask)
+            except Exception as e:  # a device failure ends these streams, not the server
+                with self._cond:
+                    for session in batch:
+                        session.in_flight = False
+                        session._finish_locked(
+                            ResourceExhausted(f"device step failed: {e}"), "error"
+                        )
+                continue
+            device_seconds = time.perf_counter() - start
+            with self._cond:
+                for i, session in enumerate(batch):
+                    session._deliver(y[i], y_mask[i])
+                self.ticks += 1
+                self._cond.notify_all()
+            self._stats_sink(
+                TickStats(
+                    self.model.name,
+                    batch_size=len(batch),
+                    bucket=bucket,
+                    tick_seconds=device_seconds,
+                    queue_wait_seconds=tuple(waits),
+                    input_frames=self.chunk_frames * len(batch),
+                )
+            )
+
+    def _wait_for_batch(self) -> list[Session] | None:
+        """Blocks (under the lock) until a tick should start; None to stop."""
+        delay = self.config.max_batch_delay_ms / 1000.0
+        while True:
+            if self._stopping:
+                return None
+            now = time.monotonic()
+            timeout = self._reap(now)
+            ready = [s for s in self._sessions.values() if s.ready_since is not None]
+            if ready:
+                # Streams that could still join this tick: open ones waiting on
+                # their client, not those blocked on output backpressure.
+                waiting = any(
+                    s.waiting_for_input and not s.in_flight for s in self._sessions.values()
+                )
+                oldest = min(s.ready_since for s in ready)  # type: ignore[type-var]
+                if not waiting or now - oldest >= delay:
+                    ready.sort(key=lambda s: s.ready_since)  # type: ignore[arg-type, return-value]
+                    return ready[: self.config.max_streams]
+                timeout = min(timeout, oldest + delay - now)
+            self._cond.wait(timeout=max(timeout, 0.0005))
+
+    def _reap(self, now: float) -> float:
+        """Ends idle and stuck streams; returns seconds until the next may expire."""
+        cfg = self.config
+        next_check = 1.0
+        for session in list(self._sessions.values()):
+            if session.in_flight or session.done:
+                continue
+            if session.backlog >= cfg.max_output_backlog:
+                limit = cfg.slow_consumer_timeout_s
+                error: Any = ResourceExhausted(
+                    f"the client did not read its outputs for {limit:g} s; stream ended."
+                )
+                outcome = "error"
+                since = session.last_read
+            elif not session.ending:
+                limit = cfg.idle_timeout_s
+                error = DeadlineExceeded(
+                    f"no input for {limit:g} s (idle timeout); stream ended. Send chunks more "
+                    f"often or end the stream."
+                )
+                outcome = "timeout"
+                since = session.last_activity
+            else:
+                continue
+            left = since + limit - now
+            if left <= 0:
+                session._finish_locked(error, outcome)
+            else:
+                next_check = min(next_check, left)
+        return next_check
+
+    def stream_ids(self) -> list[str]:
+        with self.lock:
+            return [s.stream_id for s in self._sessions.values()]
+
+
+def _batch_axis(one: jax.ShapeDtypeStruct, two: jax.ShapeDtypeStruct) -> int:
+    for axis, (a, b) in enumerate(itertools.zip_longest(one.shape, two.shape)):
+        if a != b:
+            return axis
+    raise ValueError(
+        f"a state leaf of shape {one.shape} does not grow with batch size; the model's state "
+        f"is not batch-major, so streams cannot share a tick."
+    )
+
+
+def _along(flags: jax.Array, axis: int, ndim: int) -> jax.Array:
+    shape = [1] * ndim
+    shape[axis] = flags.shape[0]
+    return flags.reshape(shape)

@@ -1,0 +1,265 @@
+"""A `Session` is one client stream inside a `Scheduler`.
+
+It buffers the client's samples to chunk boundaries, hands one chunk per
+tick to the scheduler, drops the stream's first `output_latency` output
+frames, flushes `input_latency` invalid frames at the end, and queues only
+valid output frames (with their offsets) for the transport to send. So the
+frames a client receives equal `layer()` on its whole input.
+
+Threading: transports call `send`/`end`/`cancel`/`outputs` on the asyncio
+loop; the scheduler's tick thread calls `_pop_chunk`/`_deliver`. Shared
+fields are guarded by the scheduler's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from server.errors import InvalidArgument, ResourceExhausted, StreamError, Unavailable
+from server.model import ModelInfo, prepare_input
+
+if TYPE_CHECKING:
+    from server.scheduler import Scheduler
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """Valid output frames `[n, *output_shape]` (float32); `offset` is the index
+    of the first one in the stream's output."""
+
+    frames: np.ndarray
+    offset: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Ended:
+    """The stream finished normally; totals for the client."""
+
+    frames_in: int
+    frames_out: int
+    ticks: int
+
+
+class Session:
+    """One stream. Create with `Scheduler.open_stream`; see module docstring."""
+
+    def __init__(
+        self, scheduler: Scheduler, slot: int, stream_id: str, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.scheduler = scheduler
+        self.slot = slot
+        self.stream_id = stream_id
+        self.info: ModelInfo = scheduler.info
+        self._loop = loop
+        self._queue: asyncio.Queue[Output | Ended | StreamError] = asyncio.Queue()
+        model = scheduler.model
+        self._input_shape = model.input_shape
+        self._input_dtype = model.input_dtype
+        self._chunk = scheduler.chunk_frames
+        self._buffer: deque[np.ndarray] = deque()
+        self._buffered = 0
+        # Invalid frames still to feed after `end`: the pad to a whole chunk
+        # plus `input_latency` frames, so every output `layer()` gives appears.
+        self._flush_frames = 0
+        self._to_drop = model.layer.output_latency
+        self.reset_pending = True
+        self.ending = False
+        self.done = False
+        self.in_flight = False
+        self._final_in_flight = False
+        self.frames_in = 0
+        self.frames_out = 0
+        self.ticks = 0
+        self.backlog = 0
+        self.ready_since: float | None = None
+        now = time.monotonic()
+        self.opened_at = now
+        self.last_activity = now
+        self.last_read = now
+        self.first_output_at: float | None = None
+        self.outcome: str | None = None
+
+    # Transport side (asyncio loop) -------------------------------------------
+
+    def send(self, samples: np.ndarray) -> None:
+        """Queues `samples [frames, *input_shape]` (float32, int16 or int32).
+
+        Raises `InvalidArgument` for a bad tensor and `ResourceExhausted` when
+        the chunk or the stream's buffer is too large; the stream stays usable
+        after neither (the front doors end it).
+        """
+        if self.done:
+            raise InvalidArgument("the stream has already ended; open a new stream.")
+        if self.ending:
+            raise InvalidArgument("chunk after end of stream; send chunks before `end`.")
+        x = self._validate(samples)
+        with self.scheduler.lock:
+            if self._buffered + x.shape[0] > self.scheduler.config.max_buffered_frames:
+                raise ResourceExhausted(
+                    f"stream buffer full: {self._buffered} frames are waiting; send at most "
+                    f"{self.scheduler.config.max_buffered_frames} frames ahead of processing."
+                )
+            if x.shape[0]:
+                self._buffer.append(x)
+                self._buffered += x.shape[0]
+                self.frames_in += x.shape[0]
+            self.last_activity = time.monotonic()
+            self._update_ready()
+        self.scheduler.wake()
+
+    def end(self) -> None:
+        """No more input: flush the latency and finish."""
+        if self.done or self.ending:
+            return
+        with self.scheduler.lock:
+            total = self._buffered + self.scheduler.model.layer.input_latency
+            chunks = math.ceil(total / self._chunk) if total else 0
+            self._flush_frames = chunks * self._chunk - self._buffered
+            self.ending = True
+            self.last_activity = time.monotonic()
+            if chunks == 0:
+                self._finish_locked(Ended(self.frames_in, self.frames_out, self.ticks), "ok")
+            else:
+                self._update_ready()
+        self.scheduler.wake()
+
+    def cancel(self) -> None:
+        """Client went away: frees the slot at once."""
+        with self.scheduler.lock:
+            if not self.done:
+                self._finish_locked(None, "cancelled")
+        self.scheduler.wake()
+
+    def fail(self, error: StreamError, outcome: str = "error") -> None:
+        with self.scheduler.lock:
+            if not self.done:
+                self._finish_locked(error, outcome)
+        self.scheduler.wake()
+
+    async def outputs(self) -> AsyncIterator[Output | Ended]:
+        """Yields `Output`s, then one `Ended`; raises the stream's `StreamError`."""
+        while True:
+            item = await self._queue.get()
+            with self.scheduler.lock:
+                self.backlog -= 1
+                self.last_read = time.monotonic()
+                self._update_ready()
+            self.scheduler.wake()
+            if isinstance(item, StreamError):
+                raise item
+            yield item
+            if isinstance(item, Ended):
+                return
+
+    # Validation ---------------------------------------------------------------
+
+    def _validate(self, samples: Any) -> np.ndarray:
+        x = np.asarray(samples)
+        if x.dtype not in (np.float32, np.int16, np.int32):
+            raise InvalidArgument(f"chunk dtype {x.dtype} is not supported; send float32 or int16.")
+        if x.ndim == len(self._input_shape) and x.ndim >= 1 and self._input_shape == (1,):
+            x = x.reshape(-1, 1)  # mono audio may arrive without its channel axis
+        if tuple(x.shape[1:]) != self._input_shape:
+            raise InvalidArgument(
+                f"chunk shape {list(x.shape)} does not match model {self.info.name!r}: "
+                f"expected [frames, {', '.join(map(str, self._input_shape))}]."
+            )
+        if x.shape[0] > self.scheduler.config.max_chunk_frames:
+            raise ResourceExhausted(
+                f"chunk of {x.shape[0]} frames exceeds the limit of "
+                f"{self.scheduler.config.max_chunk_frames}; split it into smaller chunks."
+            )
+        x = prepare_input(x, self._input_dtype)
+        if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+            bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+            raise InvalidArgument(
+                f"chunk has {bad} non-finite values (NaN or inf); send finite samples."
+            )
+        return x
+
+    # Scheduler side (tick thread, under the lock) ---------------------------------
+
+    def _update_ready(self) -> None:
+        ready = self._has_chunk() and not self.done and not self.in_flight
+        ready = ready and self.backlog < self.scheduler.config.max_output_backlog
+        if ready and self.ready_since is None:
+            self.ready_since = time.monotonic()
+        elif not ready:
+            self.ready_since = None
+
+    def _has_chunk(self) -> bool:
+        if self._buffered >= self._chunk:
+            return True
+        return self.ending and (self._buffered > 0 or self._flush_frames > 0)
+
+    @property
+    def waiting_for_input(self) -> bool:
+        """Open, not ready, and the reason is the client has not sent enough."""
+        return not self.done and not self.ending and self._buffered < self._chunk
+
+    def _pop_chunk(self, out_values: np.ndarray, out_mask: np.ndarray) -> None:
+        """Writes the next chunk into `out_values [chunk, *c]` / `out_mask [chunk]`."""
+        taken = 0
+        while taken < self._chunk and self._buffer:
+            head = self._buffer[0]
+            n = min(self._chunk - taken, head.shape[0])
+            out_values[taken : taken + n] = head[:n]
+            taken += n
+            if n == head.shape[0]:
+                self._buffer.popleft()
+            else:
+                self._buffer[0] = head[n:]
+        self._buffered -= taken
+        out_mask[:taken] = True
+        out_mask[taken:] = False
+        out_values[taken:] = 0
+        if taken < self._chunk:
+            self._flush_frames -= self._chunk - taken
+        self.in_flight = True
+        self._final_in_flight = self.ending and self._buffered == 0 and self._flush_frames <= 0
+        self.ready_since = None
+
+    def _deliver(self, values: np.ndarray, mask: np.ndarray) -> None:
+        """Routes one tick's outputs `[chunk * ratio, *out]` for this stream."""
+        self.in_flight = False
+        self.ticks += 1
+        if self.done:
+            return
+        drop = min(self._to_drop, values.shape[0])
+        self._to_drop -= drop
+        frames = values[drop:][mask[drop:]]
+        if frames.shape[0]:
+            if self.first_output_at is None:
+                self.first_output_at = time.monotonic()
+            self._put(Output(frames, self.frames_out))
+            self.frames_out += frames.shape[0]
+        if self._final_in_flight:
+            self._finish_locked(Ended(self.frames_in, self.frames_out, self.ticks), "ok")
+        else:
+            self._update_ready()
+
+    def _put(self, item: Output | Ended | StreamError) -> None:
+        self.backlog += 1
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _finish_locked(self, final: Ended | StreamError | None, outcome: str) -> None:
+        self.done = True
+        self.outcome = outcome
+        self.ready_since = None
+        self._buffer.clear()
+        self._buffered = 0
+        if final is not None:
+            self._put(final)
+        self.scheduler._release(self)
+
+
+def draining_error() -> Unavailable:
+    return Unavailable("the server is draining; reconnect to another replica.")
