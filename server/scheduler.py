@@ -181,7 +181,7 @@ class Scheduler:
 
     def _build_state(self) -> None:
         layer, spec = self.layer, self.model.input_spec
-        init = lambda b: layer.apply(  # noqa: E731
+        init = lambda b: layer.apply(
             self.model.variables, b, spec, training=False, method=layer.get_initial_state
         )
         one, two = jax.eval_shape(lambda: init(1)), jax.eval_shape(lambda: init(2))
