@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint format clean
+.PHONY: serve test lint format clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,7 +15,16 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/sl-serve $(ARGS)
 
-test: $(STAMP)
+# Debian tools the tests use: chromium for the browser-client test. Installed
+# when missing and we may (root with apt); otherwise that test skips and says why.
+system-deps:
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+	    && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing chromium for the browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
 

@@ -44,12 +44,14 @@ class Sequence(struct.PyTreeNode):
             return
         if self.mask.dtype != MASK_DTYPE and self.mask.dtype != jax.dtypes.float0:
             raise ValueError(f"Sequence mask must be bool, got {self.mask.dtype=}.")
-        if len(self.values.shape) < 2 or len(self.mask.shape) != 2:
+        # Rank > 2 masks occur when sequences are stacked (e.g. Repeat's state).
+        mask_rank = len(self.mask.shape)
+        if mask_rank < 2 or len(self.values.shape) < mask_rank:
             raise ValueError(
-                f"Sequence needs values of rank >= 2 and a rank-2 mask, got "
+                f"Sequence needs a mask of rank >= 2 and values of at least its rank, got "
                 f"{self.values.shape=} {self.mask.shape=}."
             )
-        if tuple(self.values.shape[:2]) != tuple(self.mask.shape):
+        if tuple(self.values.shape[:mask_rank]) != tuple(self.mask.shape):
             raise ValueError(
                 f"Sequence values and mask disagree on [batch, time]: "
                 f"{self.values.shape=} {self.mask.shape=}."

@@ -294,6 +294,94 @@ def union_receptive_fields(fields: Any) -> ReceptiveField:
     return (min(f[0] for f in present), max(f[1] for f in present))
 
 
+# Check decorators ---------------------------------------------------------
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _check_output_spec(
+    layer: SequenceLayer, x: Sequence, y: Sequence, what: str, constants: Constants | None
+) -> None:
+    expected = tuple(layer.get_output_spec(x.channel_spec, constants=constants).shape)
+    if tuple(y.channel_shape) != expected:
+        raise ValueError(
+            f"{type(layer).__name__}.{what} produced channel shape {y.channel_shape}, "
+            f"but get_output_spec({x.channel_spec}) says {expected}."
+        )
+
+
+def _check_step_input(layer: SequenceLayer, x: Sequence) -> None:
+    if not layer.supports_step:
+        raise ValueError(
+            f"{type(layer).__name__} does not support step(): its configuration "
+            f"({getattr(layer, 'config', None)}) is not streamable. Use layer() instead."
+        )
+    if x.shape[1] % layer.block_size != 0:
+        raise ValueError(
+            f"{type(layer).__name__}.step needs a multiple of block_size="
+            f"{layer.block_size} frames, got {x.shape[1]=}. Pad with "
+            f"x.pad_to_multiple({layer.block_size})."
+        )
+
+
+def _check_step_output(
+    layer: SequenceLayer, x: Sequence, y: Sequence, constants: Constants | None
+) -> None:
+    expected = x.shape[1] * layer.output_ratio
+    if y.shape[1] != expected:
+        raise ValueError(
+            f"{type(layer).__name__}.step produced {y.shape[1]} frames for "
+            f"{x.shape[1]} inputs; output_ratio={layer.output_ratio} requires {expected}."
+        )
+    _check_output_spec(layer, x, y, "step", constants)
+
+
+def check_layer(fn: F) -> F:
+    """Checks a `layer` output's channel shape against `get_output_shape`."""
+
+    @functools.wraps(fn)
+    def wrapper(self: SequenceLayer, x: Sequence, *args: Any, **kwargs: Any) -> Sequence:
+        y = fn(self, x, *args, **kwargs)
+        _check_output_spec(self, x, y, "layer", kwargs.get("constants"))
+        return y
+
+    return wrapper  # type: ignore[return-value]
+
+
+def check_layer_with_emits(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(self: SequenceLayer, x: Sequence, *args: Any, **kwargs: Any) -> Any:
+        y, emits = fn(self, x, *args, **kwargs)
+        _check_output_spec(self, x, y, "layer", kwargs.get("constants"))
+        return y, emits
+
+    return wrapper  # type: ignore[return-value]
+
+
+def check_step(fn: F) -> F:
+    """Checks steppability, block alignment, output length and spec."""
+
+    @functools.wraps(fn)
+    def wrapper(self: SequenceLayer, x: Sequence, state: State, *args: Any, **kwargs: Any) -> Any:
+        _check_step_input(self, x)
+        y, new_state = fn(self, x, state, *args, **kwargs)
+        _check_step_output(self, x, y, kwargs.get("constants"))
+        return y, new_state
+
+    return wrapper  # type: ignore[return-value]
+
+
+def check_step_with_emits(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(self: SequenceLayer, x: Sequence, state: State, *args: Any, **kwargs: Any) -> Any:
+        _check_step_input(self, x)
+        y, new_state, emits = fn(self, x, state, *args, **kwargs)
+        _check_step_output(self, x, y, kwargs.get("constants"))
+        return y, new_state, emits
+
+    return wrapper  # type: ignore[return-value]
+
+
 # Mixins and bases ---------------------------------------------------------
 
 
@@ -328,6 +416,7 @@ class Stateless(SequenceLayer):
     ) -> State:
         return ()
 
+    @check_step
     def step(
         self, x: Sequence, state: State, *, training: bool, constants: Constants | None = None
     ) -> tuple[Sequence, State]:
@@ -372,6 +461,7 @@ class StatelessEmitting(Emitting):
     ) -> State:
         return ()
 
+    @check_step_with_emits
     def step_with_emits(
         self, x: Sequence, state: State, *, training: bool, constants: Constants | None = None
     ) -> tuple[Sequence, State, Emits]:
@@ -403,90 +493,6 @@ class StatelessPointwiseFunctor(StatelessPointwise):
         if self.mask_required or not isinstance(x, MaskedSequence):
             return Sequence(values, mask)
         return MaskedSequence(values, mask)
-
-
-# Check decorators ---------------------------------------------------------
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _check_output_spec(layer: SequenceLayer, x: Sequence, y: Sequence, what: str) -> None:
-    expected = tuple(layer.get_output_shape(x.channel_shape))
-    if tuple(y.channel_shape) != expected:
-        raise ValueError(
-            f"{type(layer).__name__}.{what} produced channel shape {y.channel_shape}, "
-            f"but get_output_shape({x.channel_shape}) says {expected}."
-        )
-
-
-def _check_step_input(layer: SequenceLayer, x: Sequence) -> None:
-    if not layer.supports_step:
-        raise ValueError(
-            f"{type(layer).__name__} does not support step(): its configuration "
-            f"({getattr(layer, 'config', None)}) is not streamable. Use layer() instead."
-        )
-    if x.shape[1] % layer.block_size != 0:
-        raise ValueError(
-            f"{type(layer).__name__}.step needs a multiple of block_size="
-            f"{layer.block_size} frames, got {x.shape[1]=}. Pad with "
-            f"x.pad_to_multiple({layer.block_size})."
-        )
-
-
-def _check_step_output(layer: SequenceLayer, x: Sequence, y: Sequence) -> None:
-    expected = x.shape[1] * layer.output_ratio
-    if y.shape[1] != expected:
-        raise ValueError(
-            f"{type(layer).__name__}.step produced {y.shape[1]} frames for "
-            f"{x.shape[1]} inputs; output_ratio={layer.output_ratio} requires {expected}."
-        )
-    _check_output_spec(layer, x, y, "step")
-
-
-def check_layer(fn: F) -> F:
-    """Checks a `layer` output's channel shape against `get_output_shape`."""
-
-    @functools.wraps(fn)
-    def wrapper(self: SequenceLayer, x: Sequence, *args: Any, **kwargs: Any) -> Sequence:
-        y = fn(self, x, *args, **kwargs)
-        _check_output_spec(self, x, y, "layer")
-        return y
-
-    return wrapper  # type: ignore[return-value]
-
-
-def check_layer_with_emits(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(self: SequenceLayer, x: Sequence, *args: Any, **kwargs: Any) -> Any:
-        y, emits = fn(self, x, *args, **kwargs)
-        _check_output_spec(self, x, y, "layer")
-        return y, emits
-
-    return wrapper  # type: ignore[return-value]
-
-
-def check_step(fn: F) -> F:
-    """Checks steppability, block alignment, output length and spec."""
-
-    @functools.wraps(fn)
-    def wrapper(self: SequenceLayer, x: Sequence, state: State, *args: Any, **kwargs: Any) -> Any:
-        _check_step_input(self, x)
-        y, new_state = fn(self, x, state, *args, **kwargs)
-        _check_step_output(self, x, y)
-        return y, new_state
-
-    return wrapper  # type: ignore[return-value]
-
-
-def check_step_with_emits(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(self: SequenceLayer, x: Sequence, state: State, *args: Any, **kwargs: Any) -> Any:
-        _check_step_input(self, x)
-        y, new_state, emits = fn(self, x, state, *args, **kwargs)
-        _check_step_output(self, x, y)
-        return y, new_state, emits
-
-    return wrapper  # type: ignore[return-value]
 
 
 def zeros_state(batch_size: int, width: int, spec: ChannelSpec, valid: bool) -> Sequence:

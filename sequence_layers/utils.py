@@ -171,7 +171,10 @@ def compute_conv_mask(
             )
         if mask.shape[1] < k:
             return jnp.zeros((mask.shape[0], 0), MASK_DTYPE)
-        return _window_reduce(mask, k, stride, dilation_rate, use_and=padding != "semicausal_full")
+        # The window has kernel_size taps spaced by the dilation (spanning k).
+        return _window_reduce(
+            mask, kernel_size, stride, dilation_rate, use_and=padding != "semicausal_full"
+        )
     if not is_step:
         return mask[:, ::stride]
     # Step: `mask` is buffer ++ block, the buffer being `left` frames plus the

@@ -61,6 +61,11 @@ class SchedulerConfig:
     slow_consumer_timeout_s: float = 30.0
     # Shard slots over all local devices of the default backend.
     shard: bool = True
+    # Batch sizes to compile; None = powers of two up to max_streams. Fewer
+    # buckets compile faster at the cost of padding small ticks.
+    buckets: tuple[int, ...] | None = None
+    # Pin this model to one device ("cpu:0", "gpu:1"); None = all local devices.
+    device: str | None = None
 
 
 def buckets_for(max_streams: int) -> list[int]:
@@ -91,7 +96,11 @@ class Scheduler:
             raise ValueError(f"chunk of {self.chunk_frames} frames gives a fractional output.")
         self.out_chunk_frames = int(self.chunk_frames * ratio)
         self.info: ModelInfo = model.info(self.config.max_streams)
-        self.buckets = buckets_for(self.config.max_streams)
+        self.buckets = sorted(set(self.config.buckets or buckets_for(self.config.max_streams)))
+        if self.buckets[-1] < self.config.max_streams:
+            raise ValueError(
+                f"largest bucket {self.buckets[-1]} is below max_streams={self.config.max_streams}."
+            )
         self.compile_seconds: dict[int, float] = {}
         self.lock = threading.Lock()
         self._cond = threading.Condition(self.lock)
@@ -110,6 +119,8 @@ class Scheduler:
         """Allocates device state, compiles every bucket, starts the tick thread."""
         self._build_state()
         self._compile()
+        if self._stopping:  # stopped while compiling: never start ticking
+            return
         self._thread = threading.Thread(
             target=self._run, name=f"tick-{self.model.name}", daemon=True
         )
@@ -145,6 +156,11 @@ class Scheduler:
             if self.draining or self._stopping:
                 self._stats_sink(StreamStats(self.model.name, "rejected"))
                 raise Unavailable("the server is draining; reconnect to another replica.")
+            if not self.ready:
+                self._stats_sink(StreamStats(self.model.name, "rejected"))
+                raise Unavailable(
+                    f"model {self.model.name!r} is still compiling; retry when /readyz is 200."
+                )
             if not self._free_slots:
                 self._stats_sink(StreamStats(self.model.name, "rejected"))
                 raise ResourceExhausted(
@@ -187,12 +203,18 @@ class Scheduler:
         one, two = jax.eval_shape(lambda: init(1)), jax.eval_shape(lambda: init(2))
         self._batch_axes = jax.tree.map(_batch_axis, one, two)
         devices = jax.local_devices()
+        if self.config.device:
+            devices = [parse_device(self.config.device)]
+            self.model.variables = jax.device_put(self.model.variables, devices[0])
         n_dev = len(devices) if self.config.shard else 1
         # +1 scratch slot that pads buckets; rows divisible by the device count.
         self.rows = round_up(self.config.max_streams + 1, n_dev)
         self.scratch_slot = self.config.max_streams
         self._init_one = jax.tree.map(jnp.asarray, init(1))
         self._state_sharding: Any = None
+        if n_dev == 1 and self.config.device:
+            single = jax.sharding.SingleDeviceSharding(devices[0])
+            self._state_sharding = jax.tree.map(lambda _: single, self._batch_axes)
         if n_dev > 1:
             mesh = Mesh(np.array(devices[:n_dev]), ("slots",))
             self._state_sharding = jax.tree.map(
@@ -237,6 +259,8 @@ class Scheduler:
         )
         self._compiled: dict[int, Any] = {}
         for bucket in self.buckets:
+            if self._stopping:  # a signal during start-up: stop compiling
+                return
             start = time.perf_counter()
             args = (
                 self.model.variables,
@@ -277,6 +301,7 @@ class Scheduler:
                 if batch is None:
                     return
                 tick_start = time.monotonic()
+                host_start = time.perf_counter()
                 waits = [tick_start - (s.ready_since or tick_start) for s in batch]
                 bucket = next(b for b in self.buckets if b >= len(batch))
                 x, mask, slots, reset = buffers[bucket]
@@ -300,20 +325,25 @@ class Scheduler:
                             ResourceExhausted(f"device step failed: {e}"), "error"
                         )
                 continue
-            device_seconds = time.perf_counter() - start
+            end = time.perf_counter()
+            device_seconds = end - start
             with self._cond:
-                for i, session in enumerate(batch):
-                    session._deliver(y[i], y_mask[i])
+                delivered = sum(
+                    session._deliver(y[i], y_mask[i]) for i, session in enumerate(batch)
+                )
                 self.ticks += 1
                 self._cond.notify_all()
+            host_seconds = (time.perf_counter() - host_start) - device_seconds
             self._stats_sink(
                 TickStats(
                     self.model.name,
                     batch_size=len(batch),
                     bucket=bucket,
                     tick_seconds=device_seconds,
+                    host_seconds=host_seconds,
                     queue_wait_seconds=tuple(waits),
-                    input_frames=self.chunk_frames * len(batch),
+                    input_frames=int(mask[: len(batch)].sum()),
+                    output_frames=delivered,
                 )
             )
 
@@ -373,6 +403,19 @@ class Scheduler:
     def stream_ids(self) -> list[str]:
         with self.lock:
             return [s.stream_id for s in self._sessions.values()]
+
+
+def parse_device(spec: str) -> jax.Device:
+    """`"cpu:0"`, `"gpu:1"` (or `"cuda:1"`) -> a local device."""
+    platform, _, index = spec.partition(":")
+    platform = {"cuda": "gpu"}.get(platform, platform)
+    try:
+        devices = jax.local_devices(backend=platform)
+        return devices[int(index or 0)]
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ValueError(
+            f"device {spec!r} is not available here; local devices: {jax.local_devices()}."
+        ) from e
 
 
 def _batch_axis(one: jax.ShapeDtypeStruct, two: jax.ShapeDtypeStruct) -> int:

@@ -29,6 +29,9 @@ from server.model import ModelInfo, prepare_input
 if TYPE_CHECKING:
     from server.scheduler import Scheduler
 
+# Queued when a stream is cancelled: ends `outputs()` quietly (the client left).
+_CANCELLED = object()
+
 
 @dataclasses.dataclass(frozen=True)
 class Output:
@@ -37,6 +40,9 @@ class Output:
 
     frames: np.ndarray
     offset: int
+    # When the newest input frame these outputs needed reached the server
+    # (time.monotonic); transports report chunk latency from it.
+    received_at: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +72,10 @@ class Session:
         self._chunk = scheduler.chunk_frames
         self._buffer: deque[np.ndarray] = deque()
         self._buffered = 0
+        # (input frames received so far, arrival time) per send, for latency.
+        self._arrivals: deque[tuple[int, float]] = deque()
+        self._consumed = 0
+        self._tick_received_at = 0.0
         # Invalid frames still to feed after `end`: the pad to a whole chunk
         # plus `input_latency` frames, so every output `layer()` gives appears.
         self._flush_frames = 0
@@ -107,11 +117,13 @@ class Session:
                     f"stream buffer full: {self._buffered} frames are waiting; send at most "
                     f"{self.scheduler.config.max_buffered_frames} frames ahead of processing."
                 )
+            now = time.monotonic()
             if x.shape[0]:
                 self._buffer.append(x)
                 self._buffered += x.shape[0]
                 self.frames_in += x.shape[0]
-            self.last_activity = time.monotonic()
+                self._arrivals.append((self.frames_in, now))
+            self.last_activity = now
             self._update_ready()
         self.scheduler.wake()
 
@@ -120,22 +132,28 @@ class Session:
         if self.done or self.ending:
             return
         with self.scheduler.lock:
-            total = self._buffered + self.scheduler.model.layer.input_latency
+            # A stream that never sent a frame has no outputs to flush.
+            latency = self.scheduler.model.layer.input_latency if self.frames_in else 0
+            total = self._buffered + latency
             chunks = math.ceil(total / self._chunk) if total else 0
             self._flush_frames = chunks * self._chunk - self._buffered
             self.ending = True
             self.last_activity = time.monotonic()
-            if chunks == 0:
+            if chunks == 0 and self.in_flight:
+                # The tick in flight carries this stream's last outputs; its
+                # delivery ends the stream.
+                self._final_in_flight = True
+            elif chunks == 0:
                 self._finish_locked(Ended(self.frames_in, self.frames_out, self.ticks), "ok")
             else:
                 self._update_ready()
         self.scheduler.wake()
 
     def cancel(self) -> None:
-        """Client went away: frees the slot at once."""
+        """Client went away: frees the slot at once and ends `outputs()`."""
         with self.scheduler.lock:
             if not self.done:
-                self._finish_locked(None, "cancelled")
+                self._finish_locked(_CANCELLED, "cancelled")
         self.scheduler.wake()
 
     def fail(self, error: StreamError, outcome: str = "error") -> None:
@@ -153,6 +171,8 @@ class Session:
                 self.last_read = time.monotonic()
                 self._update_ready()
             self.scheduler.wake()
+            if item is _CANCELLED:
+                return
             if isinstance(item, StreamError):
                 raise item
             yield item
@@ -218,6 +238,15 @@ class Session:
             else:
                 self._buffer[0] = head[n:]
         self._buffered -= taken
+        self._consumed += taken
+        # The newest frame this tick needs arrived with the first send that
+        # reaches past it; a pure flush tick waits on `end` instead.
+        while self._arrivals and self._arrivals[0][0] < self._consumed:
+            self._arrivals.popleft()
+        if taken and self._arrivals:
+            self._tick_received_at = self._arrivals[0][1]
+        elif not taken:
+            self._tick_received_at = self.last_activity
         out_mask[:taken] = True
         out_mask[taken:] = False
         out_values[taken:] = 0
@@ -227,37 +256,38 @@ class Session:
         self._final_in_flight = self.ending and self._buffered == 0 and self._flush_frames <= 0
         self.ready_since = None
 
-    def _deliver(self, values: np.ndarray, mask: np.ndarray) -> None:
-        """Routes one tick's outputs `[chunk * ratio, *out]` for this stream."""
+    def _deliver(self, values: np.ndarray, mask: np.ndarray) -> int:
+        """Routes one tick's outputs `[chunk * ratio, *out]` for this stream;
+        returns the number of frames queued for the client."""
         self.in_flight = False
         self.ticks += 1
         if self.done:
-            return
+            return 0
         drop = min(self._to_drop, values.shape[0])
         self._to_drop -= drop
         frames = values[drop:][mask[drop:]]
         if frames.shape[0]:
             if self.first_output_at is None:
                 self.first_output_at = time.monotonic()
-            self._put(Output(frames, self.frames_out))
+            self._put(Output(frames, self.frames_out, self._tick_received_at))
             self.frames_out += frames.shape[0]
         if self._final_in_flight:
             self._finish_locked(Ended(self.frames_in, self.frames_out, self.ticks), "ok")
         else:
             self._update_ready()
+        return int(frames.shape[0])
 
     def _put(self, item: Output | Ended | StreamError) -> None:
         self.backlog += 1
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
-    def _finish_locked(self, final: Ended | StreamError | None, outcome: str) -> None:
+    def _finish_locked(self, final: Ended | StreamError | object, outcome: str) -> None:
         self.done = True
         self.outcome = outcome
         self.ready_since = None
         self._buffer.clear()
         self._buffered = 0
-        if final is not None:
-            self._put(final)
+        self._put(final)  # type: ignore[arg-type]
         self.scheduler._release(self)
 
 

@@ -13,9 +13,15 @@ class TickStats:
     model: str
     batch_size: int
     bucket: int
+    # The device call, input transfer and output fetch included.
     tick_seconds: float
+    # Host work of the tick outside the device call: batching chunks and
+    # routing outputs (the scheduler's own overhead).
+    host_seconds: float
     queue_wait_seconds: tuple[float, ...]
     input_frames: int
+    # Valid output frames routed to clients (latency frames dropped).
+    output_frames: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,3 +33,22 @@ class StreamStats:
     frames_in: int = 0
     frames_out: int = 0
     first_output_seconds: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkStats:
+    """Outputs written to a client: latency from the input they needed."""
+
+    model: str
+    transport: str
+    latency_seconds: float
+    frames: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorStats:
+    """An error returned to a client."""
+
+    model: str
+    code: str
+    transport: str

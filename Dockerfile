@@ -1,0 +1,39 @@
+# sequence-layers-serving: the streaming server.
+#   docker build -t sl-serve .                                  # CPU JAX
+#   docker build -t sl-serve:cuda --build-arg JAX_EXTRA=cuda12 .   # GPU JAX
+#   docker run -p 50051:50051 -p 8080:8080 sl-serve
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS build
+ARG JAX_EXTRA=""
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# Dependencies first so code edits reuse this layer.
+COPY pyproject.toml README.md ./
+RUN mkdir -p sequence_layers server clients protos loadtests \
+    && touch sequence_layers/__init__.py server/__init__.py clients/__init__.py \
+             protos/__init__.py loadtests/__init__.py \
+    && pip install . \
+    && if [ -n "$JAX_EXTRA" ]; then pip install "jax[$JAX_EXTRA]"; fi \
+    && pip uninstall -y sequence-layers-serving
+COPY sequence_layers ./sequence_layers
+COPY server ./server
+COPY clients ./clients
+COPY protos ./protos
+COPY loadtests ./loadtests
+RUN pip install --no-deps . && python -m compileall -q /opt/venv
+
+FROM ${PYTHON_IMAGE}
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
+RUN useradd --system --uid 10001 --create-home --home-dir /home/sl sl
+COPY --from=build /opt/venv /opt/venv
+USER sl
+WORKDIR /home/sl
+EXPOSE 50051 8080
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+ENTRYPOINT ["sl-serve"]
+CMD ["--host", "0.0.0.0", "--grpc-port", "50051", "--http-port", "8080"]

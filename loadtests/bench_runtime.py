@@ -1,0 +1,152 @@
+"""Runtime benchmark: the Scheduler against the bare jitted step, in one run.
+
+Figures (medians of --repeats runs, measured in the same process):
+- server/raw: frames/s through the Scheduler at full occupancy (N streams,
+  every chunk ready) over frames/s of the bare jitted batch-N step.
+- batched/sequential: the same N streams stepped one at a time at batch 1
+  (bare step, so the most favourable sequential baseline) over the Scheduler.
+- tick overhead: host time of a tick outside the device call (batching
+  chunks, routing outputs), p50 and p99.
+
+    .venv/bin/python -m loadtests.bench_runtime --model demo-asr --streams 32 --seconds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+import sequence_layers as sl
+from server.defaults import BUILTIN_MODELS
+from server.model import ServableModel
+from server.scheduler import Scheduler, SchedulerConfig
+from server.session import Ended
+from server.stats import TickStats
+
+
+def bare_step_seconds(model: ServableModel, batch: int, chunk: int, steps: int) -> float:
+    """Seconds for `steps` jitted steps at `batch`, state donated (no slots)."""
+    layer, spec = model.layer, model.input_spec
+    state = layer.apply(
+        model.variables, batch, spec, training=False, method=layer.get_initial_state
+    )
+    step = jax.jit(
+        lambda v, x, s: layer.apply(v, x, s, training=False, method=layer.step),
+        donate_argnums=(2,),
+    )
+    rng = np.random.default_rng(0)
+    x = sl.Sequence.from_values(
+        jax.numpy.asarray(rng.normal(size=(batch, chunk, *spec.shape)), spec.dtype) * 0.1
+    )
+    y, state = step(model.variables, x, state)  # compile
+    jax.block_until_ready(y)
+    start = time.perf_counter()
+    for _ in range(steps):
+        y, state = step(model.variables, x, state)
+        # The server fetches outputs every tick; so does the baseline.
+        np.asarray(y.values)
+    return time.perf_counter() - start
+
+
+def scheduler_seconds(
+    scheduler: Scheduler, inputs: list[np.ndarray], ticks: list[TickStats]
+) -> float:
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        sessions = [scheduler.open_stream(loop) for _ in inputs]
+        ticks.clear()
+        start = time.perf_counter()
+
+        async def consume(s: Any) -> None:
+            async for item in s.outputs():
+                if isinstance(item, Ended):
+                    return
+
+        for s, x in zip(sessions, inputs, strict=True):
+            s.send(x)
+            s.end()
+        await asyncio.gather(*(consume(s) for s in sessions))
+        return time.perf_counter() - start
+
+    return asyncio.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo-asr", choices=sorted(BUILTIN_MODELS))
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=4.0, help="audio per stream")
+    parser.add_argument("--chunk-blocks", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    model = BUILTIN_MODELS[args.model]()
+    n = args.streams
+    ticks: list[TickStats] = []
+    scheduler = Scheduler(
+        model,
+        SchedulerConfig(
+            max_streams=n,
+            chunk_blocks=args.chunk_blocks,
+            max_batch_delay_ms=50,
+            buckets=(n,),
+            max_buffered_frames=10**8,
+            max_chunk_frames=10**8,
+            max_output_backlog=10**6,
+        ),
+        stats_sink=lambda s: ticks.append(s) if isinstance(s, TickStats) else None,
+    )
+    scheduler.start()
+    chunk = scheduler.chunk_frames
+    rate = model.sample_rate or 100
+    frames = int(args.seconds * rate) // chunk * chunk
+    steps = frames // chunk
+    rng = np.random.default_rng(1)
+    inputs = [
+        (rng.normal(size=(frames, *model.input_shape)) * 0.1).astype(np.float32) for _ in range(n)
+    ]
+
+    server_s, raw_s, seq_s, overhead = [], [], [], []
+    for _ in range(args.repeats):
+        server_s.append(scheduler_seconds(scheduler, inputs, ticks))
+        full = [t for t in ticks if t.batch_size == n]
+        overhead.extend(t.host_seconds for t in full)
+        raw_s.append(bare_step_seconds(model, n, chunk, steps))
+        seq_s.append(n * bare_step_seconds(model, 1, chunk, steps))
+    scheduler.stop()
+
+    total = n * frames
+    server_fps = total / statistics.median(server_s)
+    raw_fps = total / statistics.median(raw_s)
+    overhead_ms = np.array(overhead) * 1000 if overhead else np.zeros(1)
+    result = {
+        "model": args.model,
+        "backend": jax.default_backend(),
+        "streams": n,
+        "chunk_frames": chunk,
+        "frames_per_stream": frames,
+        "server_frames_per_s": round(server_fps),
+        "raw_frames_per_s": round(raw_fps),
+        "server_over_raw": round(server_fps / raw_fps, 3),
+        "batched_over_sequential": round(statistics.median(seq_s) / statistics.median(server_s), 2),
+        "tick_overhead_ms_p50": round(float(np.percentile(overhead_ms, 50)), 3),
+        "tick_overhead_ms_p99": round(float(np.percentile(overhead_ms, 99)), 3),
+        "realtime_factor": round(server_fps / rate / n, 2) if model.sample_rate else None,
+        "compile_seconds": {str(k): round(v, 2) for k, v in scheduler.compile_seconds.items()},
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""`sl-loadtest`: N concurrent streams against a running server.
+
+    sl-loadtest --url grpc://127.0.0.1:50051 --model demo-asr --streams 32 --duration 30
+    sl-loadtest --url ws://127.0.0.1:8080 --model demo-asr --capacity --target-p99-ms 100
+
+Each stream sends an utterance in `--chunk-ms` chunks, paced in real time
+(or as fast as possible with --fast), then ends it and starts the next, until
+`--duration` is over; streams start spread over `--ramp-up` seconds.
+
+Chunk latency: chunk k, sent at t_k and bringing the stream to F_k input
+frames, is answered when the outputs that F_k frames make possible have
+arrived (floor(F_k * output_ratio) - output_latency valid frames, after the
+server's chunking). Reported: throughput (audio s per s), real-time factor,
+chunk latency p50/p90/p99/max, first-output latency, errors by code, as JSON;
+`--plot` draws latency percentiles and throughput against concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from clients.client import Ended, Output, Started, StreamingError, aconnect
+
+
+@dataclasses.dataclass
+class StreamResult:
+    chunk_latencies: list[float]
+    first_output: float | None
+    audio_seconds: float
+    wall_seconds: float
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class RunStats:
+    streams: int
+    results: list[StreamResult]
+    duration: float
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.array([x for r in self.results for x in r.chunk_latencies]) * 1000
+        first = (
+            np.array([r.first_output for r in self.results if r.first_output is not None]) * 1000
+        )
+        ok = [r for r in self.results if r.error is None]
+        audio = sum(r.audio_seconds for r in self.results)
+        pct = lambda a, q: round(float(np.percentile(a, q)), 2) if a.size else None
+        return {
+            "streams": self.streams,
+            "utterances": len(self.results),
+            "utterances_ok": len(ok),
+            "errors": dict(Counter(r.error for r in self.results if r.error)),
+            "throughput_audio_s_per_s": round(audio / self.duration, 2),
+            "real_time_factor": round(
+                float(np.mean([r.wall_seconds / r.audio_seconds for r in ok if r.audio_seconds])), 3
+            )
+            if ok
+            else None,
+            "chunk_latency_ms": {
+                "count": int(lat.size),
+                "p50": pct(lat, 50),
+                "p90": pct(lat, 90),
+                "p99": pct(lat, 99),
+                "max": round(float(lat.max()), 2) if lat.size else None,
+            },
+            "first_output_ms": {"p50": pct(first, 50), "p99": pct(first, 99)},
+        }
+
+
+async def one_utterance(
+    client: Any, args: argparse.Namespace, info: dict[str, Any], audio: np.ndarray
+) -> StreamResult:
+    rate = info["sample_rate"] or 100
+    chunk = max(1, int(rate * args.chunk_ms / 1000))
+    ratio = info["output_ratio"]["numerator"] / info["output_ratio"]["denominator"]
+    server_chunk = info["block_size"] * args.server_chunk_blocks
+    pending: list[tuple[int, float]] = []  # (output frames needed, time sent)
+    latencies: list[float] = []
+    start = time.monotonic()
+
+    async def chunks() -> AsyncIterator[np.ndarray]:
+        sent = 0
+        for i in range(0, len(audio), chunk):
+            if not args.fast:
+                await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+            piece = audio[i : i + chunk]
+            sent += len(piece)
+            needed = (
+                math.floor((sent // server_chunk) * server_chunk * ratio) - info["output_latency"]
+            )
+            if needed > 0:
+                pending.append((needed, time.monotonic()))
+            yield piece
+
+    received = 0
+    first = None
+    try:
+        async for event in client.stream(args.model, chunks()):
+            now = time.monotonic()
+            if isinstance(event, Output):
+                if first is None:
+                    first = now - start
+                received += event.frames.shape[0]
+                while pending and pending[0][0] <= received:
+                    latencies.append(now - pending.pop(0)[1])
+            elif isinstance(event, (Started, Ended)):
+                continue
+    except StreamingError as e:
+        return StreamResult(latencies, first, len(audio) / rate, time.monotonic() - start, e.code)
+    return StreamResult(latencies, first, len(audio) / rate, time.monotonic() - start)
+
+
+async def run_load(args: argparse.Namespace, streams: int, progress: bool = True) -> RunStats:
+    client = aconnect(args.url, api_key=args.api_key)
+    models = await client.list_models()
+    info = next((m for m in models if m["name"] == args.model), None)
+    if info is None:
+        raise SystemExit(
+            f"model {args.model!r} not served; available: {[m['name'] for m in models]}"
+        )
+    rate = info["sample_rate"] or 100
+    rng = np.random.default_rng(0)
+    shape = tuple(info["input_shape"])
+    audio = (rng.normal(size=(int(args.utterance_s * rate), *shape)) * 0.1).astype(np.float32)
+    results: list[StreamResult] = []
+    start = time.monotonic()
+    end = start + args.duration
+
+    async def worker(index: int) -> None:
+        await asyncio.sleep(args.ramp_up * index / max(streams, 1))
+        while time.monotonic() < end:
+            result = await one_utterance(client, args, info, audio)
+            results.append(result)
+            if result.error:
+                await asyncio.sleep(0.2)  # a refused stream retries, not spins
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            lat = [x for r in results for x in r.chunk_latencies]
+            p99 = np.percentile(lat, 99) * 1000 if lat else float("nan")
+            errors = sum(1 for r in results if r.error)
+            print(
+                f"\r[{time.monotonic() - start:5.1f}s] streams {streams} utterances {len(results)} "
+                f"errors {errors} chunk p99 {p99:7.1f} ms",
+                end="",
+                file=sys.stderr,
+            )
+
+    reporter = asyncio.create_task(report()) if progress else None
+    await asyncio.gather(*(worker(i) for i in range(streams)))
+    if reporter:
+        reporter.cancel()
+        print("", file=sys.stderr)
+    await client.close()
+    return RunStats(streams, results, time.monotonic() - start)
+
+
+async def find_capacity(args: argparse.Namespace) -> tuple[int, list[dict[str, Any]]]:
+    """Largest stream count whose p99 chunk latency stays under the target
+    with no errors: doubling, then bisection."""
+    sweep: list[dict[str, Any]] = []
+
+    async def ok(n: int) -> bool:
+        summary = (await run_load(args, n)).summary()
+        sweep.append(summary)
+        p99 = summary["chunk_latency_ms"]["p99"]
+        good = not summary["errors"] and p99 is not None and p99 < args.target_p99_ms
+        print(
+            f"streams {n}: p99 {p99} ms errors {summary['errors']} -> {'ok' if good else 'over'}",
+            file=sys.stderr,
+        )
+        return good
+
+    lo, hi = 0, args.streams
+    while await ok(hi):
+        lo, hi = hi, hi * 2
+        if hi > args.max_streams:
+            return lo, sweep
+    while hi - lo > max(1, lo // 10):
+        mid = (lo + hi) // 2
+        if await ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, sweep
+
+
+def plot(sweep: list[dict[str, Any]], path: str, target: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = sorted(sweep, key=lambda s: s["streams"])
+    n = [s["streams"] for s in sweep]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for q in ("p50", "p90", "p99"):
+        ax1.plot(n, [s["chunk_latency_ms"][q] for s in sweep], marker="o", label=q)
+    if target:
+        ax1.axhline(target, color="red", linestyle="--", label=f"target {target:g} ms")
+    ax1.set(xlabel="concurrent streams", ylabel="chunk latency (ms)", title="Chunk latency")
+    ax1.legend()
+    ax2.plot(n, [s["throughput_audio_s_per_s"] for s in sweep], marker="o")
+    ax2.set(xlabel="concurrent streams", ylabel="audio seconds per second", title="Throughput")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sl-loadtest", description=__doc__.splitlines()[0])
+    p.add_argument("--url", required=True, help="grpc://HOST:PORT or ws://HOST:PORT")
+    p.add_argument("--model", default="demo-asr")
+    p.add_argument("--streams", type=int, default=8, help="concurrency (capacity: first probe)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per run")
+    p.add_argument("--ramp-up", type=float, default=2.0)
+    p.add_argument("--chunk-ms", type=float, default=160.0)
+    p.add_argument("--utterance-s", type=float, default=4.0)
+    p.add_argument("--server-chunk-blocks", type=int, default=1, help="the server's --chunk-blocks")
+    p.add_argument("--fast", action="store_true", help="send as fast as possible, not real time")
+    p.add_argument("--capacity", action="store_true", help="find the largest stream count")
+    p.add_argument("--target-p99-ms", type=float, default=100.0)
+    p.add_argument("--max-streams", type=int, default=4096)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--plot", default=None, help="write a PNG plot here")
+    args = p.parse_args(argv)
+
+    if args.capacity:
+        capacity, sweep = asyncio.run(find_capacity(args))
+        result: dict[str, Any] = {
+            "model": args.model,
+            "url": args.url,
+            "target_p99_ms": args.target_p99_ms,
+            "capacity_streams": capacity,
+            "sweep": sweep,
+        }
+    else:
+        stats = asyncio.run(run_load(args, args.streams))
+        sweep = [stats.summary()]
+        result = {"model": args.model, "url": args.url, **sweep[0]}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        plot(sweep, args.plot, args.target_p99_ms if args.capacity else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

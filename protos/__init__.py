@@ -1,0 +1,1 @@
+"""The gRPC API (`sequence_layers.serving.v1`) and its generated Python stubs."""

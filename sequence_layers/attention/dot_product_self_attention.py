@@ -1,0 +1,460 @@
+"""Dot-product self attention with a sliding-window KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sequence_layers.attention import common
+from sequence_layers.sequence import MASK_DTYPE, Sequence
+from sequence_layers.types import (
+    ChannelSpec,
+    Constants,
+    Emits,
+    Emitting,
+    ReceptiveField,
+    SequenceLayerConfig,
+    ShapeLike,
+    State,
+    check_layer_with_emits,
+    check_step_with_emits,
+    detached,
+)
+
+
+class KVCacheSelfAttention(Emitting):
+    """Shared base of `DotProductSelfAttention` and `LocalDotProductSelfAttention`:
+    configuration checks, projections, the KV-cache state and `step`.
+
+    Step state (all batch-major, sizes independent of time), with
+    `W = max(0, past) + max(0, future)`:
+
+        (keys [b, W, kv_heads, u], values [b, W, kv_heads, u], kv_mask [b, W],
+         time_step [b] int32, query_network_state, key_network_state,
+         value_network_state, query_delay_buffer Sequence [b, F, heads, u] or ())
+
+    Default mode is a sliding window: each step attends over `cache ++ block`
+    with a band mask, then keeps the last `W` physical frames. With a future
+    horizon F > 0 queries wait F frames in the delay buffer, so input and output
+    latency are both F and the first F step outputs are invalid.
+    """
+
+    config: Any
+    # Cross-attention subclasses project queries and keys from different inputs.
+    _allow_combined_qkv = True
+
+    # Setup ---------------------------------------------------------------------
+
+    @property
+    def _num_kv_heads(self) -> int:
+        return getattr(self.config, "num_kv_heads", None) or self.config.num_heads
+
+    def _validate(self) -> None:
+        cfg = self.config
+        name = type(self).__name__
+        common.validate_heads(cfg.num_heads, cfg.units_per_head, name)
+        if cfg.num_heads % self._num_kv_heads:
+            raise ValueError(
+                f"{name}: num_heads must be a multiple of num_kv_heads, got "
+                f"{cfg.num_heads=} {self._num_kv_heads=}."
+            )
+        if cfg.max_past_horizon < -1 or cfg.max_future_horizon < -1:
+            raise ValueError(
+                f"{name}: horizons must be >= -1 (-1 = unbounded), got "
+                f"{cfg.max_past_horizon=} {cfg.max_future_horizon=}."
+            )
+        if cfg.max_past_horizon == 0 and cfg.max_future_horizon == 0:
+            raise ValueError(
+                f"{name}: max_past_horizon and max_future_horizon are both 0, so each "
+                "frame would attend only to itself. Set a positive horizon."
+            )
+        common.validate_soft_cap(cfg.attention_logits_soft_cap, name)
+        if cfg.num_sink_embeddings > 0 and cfg.use_sink_scalars:
+            raise ValueError(f"{name}: use either num_sink_embeddings or use_sink_scalars.")
+        if cfg.use_kv_cache_ringbuffer:
+            if self._num_kv_heads != cfg.num_heads:
+                raise NotImplementedError(f"{name}: use_kv_cache_ringbuffer does not support GQA.")
+            if cfg.num_sink_embeddings > 0 or cfg.use_sink_scalars:
+                raise NotImplementedError(
+                    f"{name}: use_kv_cache_ringbuffer does not support sinks."
+                )
+            if cfg.relative_position_embedding is not None:
+                raise NotImplementedError(
+                    f"{name}: use_kv_cache_ringbuffer does not support relative positions."
+                )
+
+    def setup(self) -> None:
+        self._validate()
+        cfg = self.config
+        name = type(self).__name__
+        self.input_projection = cfg.input_projection.make(
+            num_query_heads=cfg.num_heads,
+            num_kv_heads=self._num_kv_heads,
+            units_per_head=cfg.units_per_head,
+            use_bias=cfg.use_bias,
+            precision=cfg.precision,
+            compute_dtype=cfg.compute_dtype,
+            param_dtype=cfg.param_dtype,
+            allow_combined_qkv=self._allow_combined_qkv,
+        )
+        nn.share_scope(self, self.input_projection)
+        self.query_network = common.make_network(cfg.query_network, "query", name)
+        self.key_network = common.make_network(cfg.key_network, "key", name)
+        self.value_network = common.make_network(cfg.value_network, "value", name)
+        common.setup_scales_and_sinks(self, cfg, self._num_kv_heads)
+        self.relative_position_embedding = (
+            cfg.relative_position_embedding.make()
+            if cfg.relative_position_embedding is not None
+            else None
+        )
+
+    # Structure -----------------------------------------------------------------
+
+    def _networks_support_step(self) -> bool:
+        cfg = self.config
+        nets = (cfg.query_network, cfg.key_network, cfg.value_network)
+        return all(c is None or detached(c).supports_step for c in nets)
+
+    @property
+    def supports_step(self) -> bool:
+        cfg = self.config
+        return (
+            cfg.max_past_horizon >= 0
+            and cfg.max_future_horizon >= 0
+            # Unlike the reference, relative positions also step with a future
+            # horizon: step tracks the delayed queries' absolute positions.
+            and self._networks_support_step()
+        )
+
+    @property
+    def input_latency(self) -> int:
+        return max(0, self.config.max_future_horizon)
+
+    @property
+    def receptive_field_per_step(self) -> dict[int, ReceptiveField]:
+        cfg = self.config
+        start = -math.inf if cfg.max_past_horizon < 0 else -cfg.max_past_horizon
+        end = math.inf if cfg.max_future_horizon < 0 else cfg.max_future_horizon
+        return {0: (start, end)}
+
+    @nn.nowrap
+    def get_output_shape(
+        self, input_shape: ShapeLike, *, constants: Constants | None = None
+    ) -> tuple[int, ...]:
+        if len(input_shape) != 1:
+            raise ValueError(
+                f"{type(self).__name__} needs inputs [b, t, d], got channel shape "
+                f"{tuple(input_shape)}. Flatten or Reshape first."
+            )
+        return (self.config.num_heads, self.config.units_per_head)
+
+    @nn.nowrap
+    def get_output_dtype(self, input_dtype: Any) -> Any:
+        cfg = self.config
+        return common.promoted_dtype(input_dtype, cfg.param_dtype, compute_dtype=cfg.compute_dtype)
+
+    @property
+    def _query_delay(self) -> int:
+        """Frames queries wait in the delay buffer."""
+        return max(0, self.config.max_future_horizon)
+
+    @property
+    def _window(self) -> int:
+        cfg = self.config
+        return max(0, cfg.max_past_horizon) + max(0, cfg.max_future_horizon)
+
+    def get_initial_state(
+        self,
+        batch_size: int,
+        input_spec: ChannelSpec,
+        *,
+        training: bool,
+        constants: Constants | None = None,
+    ) -> State:
+        cfg = self.config
+        dtype = self.get_output_dtype(input_spec.dtype)
+        w, future = self._window, self._query_delay
+        kv_shape = (batch_size, w, self._num_kv_heads, cfg.units_per_head)
+        # Zeros with an all-False mask: nothing before the stream is visible.
+        keys = jnp.zeros(kv_shape, dtype)
+        values = jnp.zeros(kv_shape, dtype)
+        kv_mask = jnp.zeros((batch_size, w), MASK_DTYPE)
+        delay: Any = ()
+        if future:
+            delay = Sequence(
+                jnp.zeros((batch_size, future, cfg.num_heads, cfg.units_per_head), dtype),
+                jnp.zeros((batch_size, future), MASK_DTYPE),
+            )
+        q_spec = common.network_spec(cfg.num_heads, cfg.units_per_head, dtype)
+        kv_spec = common.network_spec(self._num_kv_heads, cfg.units_per_head, dtype)
+
+        def net_state(net: Any, spec: ChannelSpec) -> Any:
+            if net is None:
+                return ()
+            return net.get_initial_state(batch_size, spec, training=training, constants=constants)
+
+        return (
+            keys,
+            values,
+            kv_mask,
+            jnp.zeros((batch_size,), jnp.int32),
+            net_state(self.query_network, q_spec),
+            net_state(self.key_network, kv_spec),
+            net_state(self.value_network, kv_spec),
+            delay,
+        )
+
+    # Shared compute ---------------------------------------------------------------
+
+    def _attend(
+        self,
+        queries: jax.Array,
+        keys: jax.Array,
+        values: jax.Array,
+        visible: jax.Array,
+        *,
+        training: bool,
+        positions: tuple[jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        return common.attend(
+            self, queries, keys, values, visible, training=training, positions=positions
+        )
+
+    def _project_inputs(
+        self, x: Sequence, constants: Constants | None
+    ) -> tuple[Sequence, Sequence, Sequence]:
+        """Queries, keys and values of a block (before the q/k/v networks)."""
+        return self.input_projection.get_qkv(common.clear_invalid(x))
+
+    def _emits(self, probabilities: Sequence) -> Emits:
+        return common.SelfAttentionEmits(probabilities)
+
+    def _project_layer(
+        self, x: Sequence, training: bool, constants: Constants | None
+    ) -> tuple[Sequence, Sequence, Sequence]:
+        self.get_output_shape(x.channel_shape)  # Validates the input rank up front.
+        q, k, v = self._project_inputs(x, constants)
+        if self.query_network is not None:
+            q = self.query_network.layer(q, training=training, constants=constants)
+        if self.key_network is not None:
+            k = self.key_network.layer(k, training=training, constants=constants)
+        if self.value_network is not None:
+            v = self.value_network.layer(v, training=training, constants=constants)
+        return common.clear_invalid(q), common.clear_invalid(k), common.clear_invalid(v)
+
+    # Step -------------------------------------------------------------------------------
+
+    def step_with_emits(
+        self, x: Sequence, state: State, *, training: bool, constants: Constants | None = None
+    ) -> tuple[Sequence, State, Emits]:
+        cfg = self.config
+        if not self.supports_step:
+            # Said here, before the generic check, so the message names the cause.
+            raise ValueError(
+                f"{type(self).__name__} does not support step(): max_past_horizon="
+                f"{cfg.max_past_horizon} and max_future_horizon={cfg.max_future_horizon} "
+                "must both be >= 0 (an unbounded horizon needs the whole sequence; use "
+                "layer()), and any query/key/value network must support step."
+            )
+        return self._checked_step(x, state, training=training, constants=constants)
+
+    @check_step_with_emits
+    def _checked_step(
+        self, x: Sequence, state: State, *, training: bool, constants: Constants | None = None
+    ) -> tuple[Sequence, State, Emits]:
+        cfg = self.config
+        keys_cache, values_cache, kv_mask, time_step, q_state, k_state, v_state, delay = state
+        self.get_output_shape(x.channel_shape)  # Validates the input rank up front.
+        n, w = x.shape[1], self._window
+        q, k, v = self._project_inputs(x, constants)
+        if self.query_network is not None:
+            q, q_state = self.query_network.step(q, q_state, training=training, constants=constants)
+        if self.key_network is not None:
+            k, k_state = self.key_network.step(k, k_state, training=training, constants=constants)
+        if self.value_network is not None:
+            v, v_state = self.value_network.step(v, v_state, training=training, constants=constants)
+        q, k, v = common.clear_invalid(q), common.clear_invalid(k), common.clear_invalid(v)
+        new_kv_mask = k.mask & v.mask
+        dtype = keys_cache.dtype
+        new_keys, new_values = k.values.astype(dtype), v.values.astype(dtype)
+
+        if isinstance(delay, Sequence):
+            # Queries wait F frames so every key they may see has arrived.
+            future = self._query_delay
+            queue = Sequence(
+                jnp.concatenate([delay.values, q.values.astype(delay.dtype)], axis=1),
+                jnp.concatenate([delay.mask, q.mask], axis=1),
+            )
+            q = Sequence(queue.values[:, :n], queue.mask[:, :n])
+            delay = Sequence(queue.values[:, -future:], queue.mask[:, -future:])
+
+        if cfg.use_kv_cache_ringbuffer:
+            if n != 1:
+                raise ValueError(
+                    f"{type(self).__name__} with use_kv_cache_ringbuffer=True steps exactly one "
+                    f"frame at a time, got a block of {n} frames. Step frame by frame or set "
+                    "use_kv_cache_ringbuffer=False."
+                )
+            all_keys = jnp.concatenate([keys_cache, new_keys], axis=1)
+            all_values = jnp.concatenate([values_cache, new_values], axis=1)
+            visible = jnp.concatenate([kv_mask, new_kv_mask], axis=1)[:, None, None, :]
+            context, probs = self._attend(
+                q.values, all_keys, all_values, visible, training=training
+            )
+            # Overwrite the oldest frame in place; order does not matter to a
+            # softmax without position information.
+            slot = jax.nn.one_hot(time_step % w, w, dtype=jnp.int32).astype(MASK_DTYPE)
+            keys_cache = jnp.where(slot[:, :, None, None], new_keys, keys_cache)
+            values_cache = jnp.where(slot[:, :, None, None], new_values, values_cache)
+            kv_mask = jnp.where(slot, new_kv_mask, kv_mask)
+        else:
+            all_keys = jnp.concatenate([keys_cache, new_keys], axis=1)
+            all_values = jnp.concatenate([values_cache, new_values], axis=1)
+            all_mask = jnp.concatenate([kv_mask, new_kv_mask], axis=1)
+            # Query i (absolute t0 - F + i) sees cache index j (absolute t0 - W + j)
+            # iff 0 <= j - i <= P + F.
+            visible = all_mask[:, None, None, :] & common.band_mask(n, w + n, 0, w)[None, None]
+            # Absolute positions: queries lag the input by the delay buffer.
+            q_pos = (time_step - self._query_delay)[:, None] + jnp.arange(n)[None, :]
+            k_pos = (time_step - w)[:, None] + jnp.arange(w + n)[None, :]
+            context, probs = self._attend(
+                q.values,
+                all_keys,
+                all_values,
+                visible,
+                training=training,
+                positions=(q_pos, k_pos),
+            )
+            keys_cache = all_keys[:, n:]
+            values_cache = all_values[:, n:]
+            kv_mask = all_mask[:, n:]
+
+        new_state = (
+            keys_cache,
+            values_cache,
+            kv_mask,
+            time_step + n,
+            q_state,
+            k_state,
+            v_state,
+            delay,
+        )
+        y = Sequence(context.astype(self.get_output_dtype(x.dtype)), q.mask)
+        return y, new_state, self._emits(Sequence(probs, q.mask))
+
+
+class DotProductSelfAttention(KVCacheSelfAttention):
+    """Multi-head dot-product self attention over a band of past and future frames.
+
+    `[b, t, d] -> [b, t, num_heads, units_per_head]` (no output projection).
+    Frame t attends to frames `[t - max_past_horizon, t + max_future_horizon]`
+    (-1 = unbounded, not steppable). Emits `SelfAttentionEmits` with
+    probabilities `[b, t, heads, t]` from `layer` and `[b, t, heads, W + block]`
+    from `step`.
+
+    Example:
+        >>> cfg = DotProductSelfAttention.Config(num_heads=2, units_per_head=4,
+        ...                                      max_past_horizon=64)
+    """
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(SequenceLayerConfig):
+        # Number of query heads (a multiple of num_kv_heads).
+        num_heads: int
+        # Units per head.
+        units_per_head: int
+        # Past frames each frame sees: -1 all (not steppable), 0 none.
+        max_past_horizon: int
+        # Future frames each frame sees: -1 all (not steppable), 0 none. Latency.
+        max_future_horizon: int = 0
+        # Key/value heads for grouped-query attention (None = num_heads).
+        num_kv_heads: int | None = None
+        # Optional relative position embedding config (T5 / Shaw).
+        relative_position_embedding: Any = None
+        # Dropout rate on attention probabilities (training only).
+        attention_probabilities_dropout_rate: float = 0.0
+        # Share the dropout mask across queries (as T5).
+        broadcast_dropout_across_queries: bool = False
+        # Whether the QKV projection has a bias.
+        use_bias: bool = False
+        # How inputs are projected to queries, keys and values.
+        input_projection: common.QueryKeyValueProjectionConfig = dataclasses.field(
+            default_factory=common.CombinedQueryKeyValueProjection
+        )
+        # Optional layer applied to queries [b, t, heads, u] (e.g. RoPE).
+        query_network: SequenceLayerConfig | None = None
+        # Optional layer applied to keys [b, t, kv_heads, u].
+        key_network: SequenceLayerConfig | None = None
+        # Optional layer applied to values [b, t, kv_heads, u].
+        value_network: SequenceLayerConfig | None = None
+        # If set, logits become cap * tanh(logits / cap).
+        attention_logits_soft_cap: float | None = None
+        # Learn a [units_per_head] query scale.
+        per_dim_scale: bool = False
+        # Learn a [units_per_head] key scale.
+        per_dim_key_scale: bool = False
+        # Accepted for compatibility with the reference; sharding is not applied.
+        per_dim_scale_sharding: Any = None
+        # Query scale (None = 1/sqrt(units_per_head)).
+        query_scale: float | None = None
+        # Einsum precision.
+        precision: Any = None
+        # Zero context for queries with no visible key (always true here: such
+        # queries get exact zeros instead of NaN).
+        zero_fully_masked: bool = False
+        # Compute dtype (None = promote input and param dtypes).
+        compute_dtype: Any = None
+        # Parameter dtype.
+        param_dtype: Any = jnp.float32
+        # Learned always-visible sink keys/values (arXiv:2309.17453).
+        num_sink_embeddings: int = 0
+        # Initializer of the sink embeddings.
+        sink_embeddings_init: Any = nn.linear.default_embed_init
+        # Accepted for compatibility with the reference; sharding is not applied.
+        sink_embeddings_sharding: Any = None
+        # A learned per-head sink logit with a zero value.
+        use_sink_scalars: bool = False
+        # Initializer of the sink scalars.
+        sink_scalars_init: Any = common.zeros_init
+        # Write the KV cache as a ring buffer (steps must be exactly 1 frame).
+        use_kv_cache_ringbuffer: bool = False
+        # Accepted for compatibility; logits are always accumulated in >= float32.
+        experimental_accumulate_logits_in_float32: bool = False
+        # Accepted for compatibility; probabilities are always emitted.
+        emit_attention_weights: bool = False
+        # Layer name.
+        name: str | None = None
+
+        def make(self) -> DotProductSelfAttention:
+            return DotProductSelfAttention(self, name=self.name)
+
+    config: Config
+
+    @check_layer_with_emits
+    def layer_with_emits(
+        self, x: Sequence, *, training: bool, constants: Constants | None = None
+    ) -> tuple[Sequence, Emits]:
+        cfg = self.config
+        q, k, v = self._project_layer(x, training, constants)
+        t = x.shape[1]
+        kv_mask = k.mask & v.mask
+        band = common.band_mask(
+            t, t, common.horizon(cfg.max_past_horizon), common.horizon(cfg.max_future_horizon)
+        )
+        visible = kv_mask[:, None, None, :] & band[None, None]
+        positions = jnp.arange(t)[None, :]
+        context, probs = self._attend(
+            q.values,
+            k.values,
+            v.values,
+            visible,
+            training=training,
+            positions=(positions, positions),
+        )
+        y = Sequence(context.astype(self.get_output_dtype(x.dtype)), q.mask)
+        return y, self._emits(Sequence(probs, q.mask))

@@ -1,0 +1,177 @@
+"""Local (sliding-window) self attention with block-sparse layer-wise compute."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sequence_layers.attention import common
+from sequence_layers.attention.dot_product_self_attention import KVCacheSelfAttention
+from sequence_layers.sequence import Sequence
+from sequence_layers.types import (
+    Constants,
+    Emits,
+    SequenceLayerConfig,
+    check_layer_with_emits,
+)
+
+
+def extract_block_context(
+    x: jax.Array, block_size: int, past: int, future: int, pad_value: Any = 0
+) -> jax.Array:
+    """`[b, t, ...] -> [b, ceil(t / block), past + block + future, ...]`: for block u,
+    frames `u * block - past ... (u + 1) * block + future - 1` (padded outside)."""
+    t = x.shape[1]
+    num_blocks = -(-t // block_size)
+    right = num_blocks * block_size - t + future
+    widths = [(0, 0), (past, right)] + [(0, 0)] * (x.ndim - 2)
+    x = jnp.pad(x, widths, constant_values=jnp.asarray(pad_value, x.dtype))
+    context = past + block_size + future
+    index = np.arange(num_blocks)[:, None] * block_size + np.arange(context)[None, :]
+    return x[:, index]
+
+
+class LocalDotProductSelfAttention(KVCacheSelfAttention):
+    """Sliding-window self attention: frame t attends to
+    `[t - max_past_horizon, t + max_future_horizon]`.
+
+    `[b, t, d] -> [b, t, num_heads, units_per_head]`. Numerically the same as
+    `DotProductSelfAttention` with the same horizons, but `layer` never builds
+    the `[t, t]` logit matrix: queries are tiled in blocks of `config.block_size`
+    frames, each attending to its `past + block_size + future` key window, so
+    memory grows linearly in t. `config.block_size` only tiles that compute; the
+    layer's own `block_size` is 1 and `step` is exactly `DotProductSelfAttention`'s
+    (KV cache, query delay buffer, latency = future horizon).
+
+    Layer emits: probabilities `[b, t, heads, past + block_size + future]` over
+    each query's key window.
+    """
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(SequenceLayerConfig):
+        # Number of attention heads.
+        num_heads: int
+        # Units per head.
+        units_per_head: int
+        # Query tile length of the layer-wise compute (not a streaming block size).
+        block_size: int
+        # Past frames each frame sees (>= 1).
+        max_past_horizon: int
+        # Future frames each frame sees (>= 0); also the latency.
+        max_future_horizon: int = 0
+        # Optional relative position embedding (T5, Shaw or TransformerXL).
+        relative_position_embedding: Any = None
+        # Dropout rate on attention probabilities (training only).
+        attention_probabilities_dropout_rate: float = 0.0
+        # Share the dropout mask across queries (as T5).
+        broadcast_dropout_across_queries: bool = False
+        # Whether the QKV projection has a bias.
+        use_bias: bool = False
+        # How inputs are projected to queries, keys and values.
+        input_projection: common.QueryKeyValueProjectionConfig = dataclasses.field(
+            default_factory=common.CombinedQueryKeyValueProjection
+        )
+        # Optional layer applied to queries [b, t, heads, u] (e.g. RoPE).
+        query_network: SequenceLayerConfig | None = None
+        # Optional layer applied to keys [b, t, heads, u].
+        key_network: SequenceLayerConfig | None = None
+        # Optional layer applied to values [b, t, heads, u].
+        value_network: SequenceLayerConfig | None = None
+        # If set, logits become cap * tanh(logits / cap).
+        attention_logits_soft_cap: float | None = None
+        # Learn a [units_per_head] query scale.
+        per_dim_scale: bool = False
+        # Learn a [units_per_head] key scale.
+        per_dim_key_scale: bool = False
+        # Accepted for compatibility with the reference; sharding is not applied.
+        per_dim_scale_sharding: Any = None
+        # Query scale (None = 1/sqrt(units_per_head)).
+        query_scale: float | None = None
+        # Einsum precision.
+        precision: Any = None
+        # Zero context for queries with no visible key (always true here).
+        zero_fully_masked: bool = False
+        # Compute dtype (None = promote input and param dtypes).
+        compute_dtype: Any = None
+        # Parameter dtype.
+        param_dtype: Any = jnp.float32
+        # Learned always-visible sink keys/values.
+        num_sink_embeddings: int = 0
+        # Initializer of the sink embeddings.
+        sink_embeddings_init: Any = nn.linear.default_embed_init
+        # Accepted for compatibility with the reference; sharding is not applied.
+        sink_embeddings_sharding: Any = None
+        # A learned per-head sink logit with a zero value.
+        use_sink_scalars: bool = False
+        # Initializer of the sink scalars.
+        sink_scalars_init: Any = common.zeros_init
+        # Write the KV cache as a ring buffer (steps must be exactly 1 frame).
+        use_kv_cache_ringbuffer: bool = False
+        # Accepted for compatibility; logits are always accumulated in >= float32.
+        experimental_accumulate_logits_in_float32: bool = False
+        # Layer name.
+        name: str | None = None
+
+        def make(self) -> LocalDotProductSelfAttention:
+            return LocalDotProductSelfAttention(self, name=self.name)
+
+    config: Config
+
+    def _validate(self) -> None:
+        cfg = self.config
+        if cfg.max_past_horizon < 1:
+            raise ValueError(
+                f"LocalDotProductSelfAttention needs max_past_horizon >= 1, got "
+                f"{cfg.max_past_horizon=}. Use DotProductSelfAttention for other horizons."
+            )
+        if cfg.max_future_horizon < 0:
+            raise ValueError(
+                f"LocalDotProductSelfAttention needs max_future_horizon >= 0, got "
+                f"{cfg.max_future_horizon=}."
+            )
+        if cfg.block_size < 1:
+            raise ValueError(
+                f"LocalDotProductSelfAttention needs block_size >= 1, got {cfg.block_size=}."
+            )
+        super()._validate()
+
+    @check_layer_with_emits
+    def layer_with_emits(
+        self, x: Sequence, *, training: bool, constants: Constants | None = None
+    ) -> tuple[Sequence, Emits]:
+        cfg = self.config
+        past, future, block = cfg.max_past_horizon, cfg.max_future_horizon, cfg.block_size
+        q, k, v = self._project_layer(x, training, constants)
+        b, t = x.shape[:2]
+        num_blocks = -(-t // block)
+        context = past + block + future
+        kv_mask = k.mask & v.mask
+        # Blocks fold into the batch so the dense attention core does the work.
+        q_blocks = jnp.pad(q.values, [(0, 0), (0, num_blocks * block - t), (0, 0), (0, 0)])
+        q_blocks = q_blocks.reshape(b * num_blocks, block, *q.values.shape[2:])
+        k_blocks = extract_block_context(k.values, block, past, future)
+        v_blocks = extract_block_context(v.values, block, past, future)
+        m_blocks = extract_block_context(kv_mask, block, past, future, pad_value=False)
+        k_blocks = k_blocks.reshape(b * num_blocks, context, *k.values.shape[2:])
+        v_blocks = v_blocks.reshape(b * num_blocks, context, *v.values.shape[2:])
+        m_blocks = m_blocks.reshape(b * num_blocks, context)
+        # Query w of a block sits at window index w + past; it sees window
+        # indices c with 0 <= c - w <= past + future.
+        band = common.band_mask(block, context, 0, past + future)
+        visible = m_blocks[:, None, None, :] & band[None, None]
+        # Absolute positions of each block's queries and key window.
+        starts = np.arange(num_blocks)[:, None] * block
+        q_pos = jnp.tile(jnp.asarray(starts + np.arange(block)[None, :]), (b, 1))
+        k_pos = jnp.tile(jnp.asarray(starts - past + np.arange(context)[None, :]), (b, 1))
+        context_vectors, probs = self._attend(
+            q_blocks, k_blocks, v_blocks, visible, training=training, positions=(q_pos, k_pos)
+        )
+        context_vectors = context_vectors.reshape(b, num_blocks * block, *context_vectors.shape[2:])
+        probs = probs.reshape(b, num_blocks * block, *probs.shape[2:])
+        y = Sequence(context_vectors[:, :t].astype(self.get_output_dtype(x.dtype)), q.mask)
+        return y, self._emits(Sequence(probs[:, :t], q.mask))

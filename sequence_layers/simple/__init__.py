@@ -1,0 +1,69 @@
+"""Simple layers: mostly stateless, frame-by-frame operations.
+
+One module per family: pass-through (`passthrough`), activations,
+arithmetic, channel reductions, gating, channel-shape operations
+(`reshape`), token layers, random layers (`stochastic`), time resampling
+and `Lambda` (`functional`).
+"""
+
+from sequence_layers.simple._common import HashableArray as HashableArray
+from sequence_layers.simple.activations import Abs as Abs
+from sequence_layers.simple.activations import Cast as Cast
+from sequence_layers.simple.activations import Elu as Elu
+from sequence_layers.simple.activations import Exp as Exp
+from sequence_layers.simple.activations import Gelu as Gelu
+from sequence_layers.simple.activations import LeakyRelu as LeakyRelu
+from sequence_layers.simple.activations import Log as Log
+from sequence_layers.simple.activations import Power as Power
+from sequence_layers.simple.activations import PRelu as PRelu
+from sequence_layers.simple.activations import Relu as Relu
+from sequence_layers.simple.activations import Sigmoid as Sigmoid
+from sequence_layers.simple.activations import Snake as Snake
+from sequence_layers.simple.activations import Softmax as Softmax
+from sequence_layers.simple.activations import Softplus as Softplus
+from sequence_layers.simple.activations import Swish as Swish
+from sequence_layers.simple.activations import Tanh as Tanh
+from sequence_layers.simple.arithmetic import Add as Add
+from sequence_layers.simple.arithmetic import Affine as Affine
+from sequence_layers.simple.arithmetic import Maximum as Maximum
+from sequence_layers.simple.arithmetic import Minimum as Minimum
+from sequence_layers.simple.arithmetic import Mod as Mod
+from sequence_layers.simple.arithmetic import Scale as Scale
+from sequence_layers.simple.functional import Lambda as Lambda
+from sequence_layers.simple.gating import GatedLinearUnit as GatedLinearUnit
+from sequence_layers.simple.gating import GatedTanhUnit as GatedTanhUnit
+from sequence_layers.simple.gating import GatedUnit as GatedUnit
+from sequence_layers.simple.passthrough import ApplySharding as ApplySharding
+from sequence_layers.simple.passthrough import CheckpointName as CheckpointName
+from sequence_layers.simple.passthrough import Emit as Emit
+from sequence_layers.simple.passthrough import GradientClipping as GradientClipping
+from sequence_layers.simple.passthrough import Identity as Identity
+from sequence_layers.simple.passthrough import Logging as Logging
+from sequence_layers.simple.passthrough import MaskInvalid as MaskInvalid
+from sequence_layers.simple.passthrough import NamedEmit as NamedEmit
+from sequence_layers.simple.passthrough import OptimizationBarrier as OptimizationBarrier
+from sequence_layers.simple.passthrough import StopGradient as StopGradient
+from sequence_layers.simple.reductions import Max as Max
+from sequence_layers.simple.reductions import Mean as Mean
+from sequence_layers.simple.reductions import Min as Min
+from sequence_layers.simple.reductions import Sum as Sum
+from sequence_layers.simple.resampling import Downsample1D as Downsample1D
+from sequence_layers.simple.resampling import Upsample1D as Upsample1D
+from sequence_layers.simple.resampling import Upsample2D as Upsample2D
+from sequence_layers.simple.reshape import EinopsRearrange as EinopsRearrange
+from sequence_layers.simple.reshape import ExpandDims as ExpandDims
+from sequence_layers.simple.reshape import Flatten as Flatten
+from sequence_layers.simple.reshape import GlobalEinopsRearrange as GlobalEinopsRearrange
+from sequence_layers.simple.reshape import GlobalReshape as GlobalReshape
+from sequence_layers.simple.reshape import MoveAxis as MoveAxis
+from sequence_layers.simple.reshape import Reshape as Reshape
+from sequence_layers.simple.reshape import Slice as Slice
+from sequence_layers.simple.reshape import Squeeze as Squeeze
+from sequence_layers.simple.reshape import SwapAxes as SwapAxes
+from sequence_layers.simple.reshape import Transpose as Transpose
+from sequence_layers.simple.stochastic import AddNoise as AddNoise
+from sequence_layers.simple.stochastic import Dropout as Dropout
+from sequence_layers.simple.tokens import Argmax as Argmax
+from sequence_layers.simple.tokens import Embedding as Embedding
+from sequence_layers.simple.tokens import EmbeddingTranspose as EmbeddingTranspose
+from sequence_layers.simple.tokens import OneHot as OneHot

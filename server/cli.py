@@ -1,0 +1,80 @@
+"""`sl-models` and `sl-offline`: model directories and the offline oracle.
+
+sl-models list
+sl-models export demo-asr ./models/demo-asr
+sl-offline demo-asr input.npy output.npy     # or a model directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from server.defaults import BUILTIN_MODELS
+from server.errors import ModelLoadError
+from server.model import ServableModel, load_model_dir, save_model_dir
+
+
+def resolve_model(spec: str) -> ServableModel:
+    """A built-in model name or a model directory."""
+    if spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec]()
+    if Path(spec).is_dir():
+        return load_model_dir(spec)
+    known = ", ".join(sorted(BUILTIN_MODELS))
+    raise ModelLoadError(f"{spec!r} is neither a built-in model ({known}) nor a model directory.")
+
+
+def models_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sl-models", description="Built-in models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the built-in models")
+    export = sub.add_parser("export", help="write a built-in model as a model directory")
+    export.add_argument("name", choices=sorted(BUILTIN_MODELS))
+    export.add_argument("directory")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for name in sorted(BUILTIN_MODELS):
+            info = BUILTIN_MODELS[name]().info()
+            print(
+                f"{name}\tin {list(info.input_shape)} out {list(info.output_shape)} "
+                f"ratio {info.output_ratio} block {info.block_size} "
+                f"latency {info.input_latency}/{info.output_latency}\t{info.description}"
+            )
+        return 0
+    path = save_model_dir(BUILTIN_MODELS[args.name](), args.directory)
+    print(f"wrote {args.name} to {path}")
+    return 0
+
+
+def offline_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sl-offline",
+        description="Whole-utterance layer() inference; writes the valid output frames.",
+    )
+    parser.add_argument("model", help="built-in model name or model directory")
+    parser.add_argument("input", help=".npy of shape [frames, *input_shape]")
+    parser.add_argument("output", help=".npy to write, [frames, *output_shape] float32")
+    args = parser.parse_args(argv)
+    try:
+        model = resolve_model(args.model)
+        x = np.load(args.input)
+    except (ModelLoadError, OSError, ValueError) as e:
+        print(f"sl-offline: {e}", file=sys.stderr)
+        return 2
+    if x.ndim == len(model.input_shape) and model.input_shape == (1,):
+        x = x.reshape(-1, 1)
+    if tuple(x.shape[1:]) != model.input_shape:
+        print(
+            f"sl-offline: input shape {list(x.shape)} does not match model {model.name!r}: "
+            f"expected [frames, {', '.join(map(str, model.input_shape))}].",
+            file=sys.stderr,
+        )
+        return 2
+    y = model.offline(x)
+    np.save(args.output, y)
+    print(f"{args.input}: {x.shape[0]} frames in, {y.shape[0]} frames out -> {args.output}")
+    return 0

@@ -1,0 +1,268 @@
+"""`sl-serve`: the streaming server process.
+
+Lifecycle: parse flags -> load models -> start HTTP and gRPC (alive, not
+ready) -> compile every tick bucket -> ready -> serve -> on SIGTERM/SIGINT
+drain: readiness false, new streams refused (UNAVAILABLE / close 1013),
+streams in flight get `--drain-seconds` to finish, the rest end with
+UNAVAILABLE -> exit 0.
+
+    sl-serve                                 # built-in demo-asr, demo-vocoder, logmel
+    sl-serve --model asr=./models/asr --max-streams 64 --api-key-file key.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from server.config_file import ConfigFileError, load_config_file, scheduler_config
+from server.defaults import BUILTIN_MODELS
+from server.errors import ModelLoadError
+from server.grpc_server import GrpcServer
+from server.http_server import create_app
+from server.metrics import Metrics
+from server.model import ServableModel, load_model_dir
+from server.runtime import Runtime
+from server.scheduler import SchedulerConfig
+from server.stats import StreamStats
+
+log = logging.getLogger("sl-serve")
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: sl-serve drains first."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+# Built-in values of the server flags; a config file and then the command
+# line override them (flags parse to None when not given).
+SERVER_DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1",
+    "grpc_port": 50051,
+    "http_port": 8080,
+    "drain_seconds": 10.0,
+    "api_key_file": None,
+    "tls_cert": None,
+    "tls_key": None,
+    "log_level": "info",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sl-serve", description="Streaming inference server.")
+    p.add_argument("--config", default=None, help="server.toml (see server/config_file.py)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve the model directory DIR as NAME (repeatable); a built-in name alone "
+        f"({', '.join(sorted(BUILTIN_MODELS))}) serves that built-in. Default: all built-ins.",
+    )
+    p.add_argument("--host")
+    p.add_argument("--grpc-port", type=int)
+    p.add_argument("--http-port", type=int)
+    p.add_argument("--drain-seconds", type=float)
+    p.add_argument("--max-streams", type=int, help="stream slots per model (32)")
+    p.add_argument("--chunk-blocks", type=int, help="blocks per stream per tick (1)")
+    p.add_argument("--max-batch-delay-ms", type=float, help="(5)")
+    p.add_argument("--idle-timeout-s", type=float, help="(30)")
+    p.add_argument("--max-output-backlog", type=int, help="(64)")
+    p.add_argument("--slow-consumer-timeout-s", type=float, help="(30)")
+    p.add_argument("--buckets", help="comma-separated batch sizes to compile (1,2,4,...)")
+    p.add_argument("--device", help="pin every model to one device, e.g. gpu:0")
+    p.add_argument("--api-key", action="append", default=[], help="require this key (repeatable)")
+    p.add_argument("--api-key-file", help="file with one API key per line")
+    p.add_argument("--tls-cert", help="PEM certificate (gRPC and HTTPS/WSS)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--log-level")
+    return p
+
+
+@dataclasses.dataclass
+class Settings:
+    server: dict[str, Any]
+    models: dict[str, ServableModel]
+    schedulers: dict[str, SchedulerConfig]
+    api_keys: list[str]
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """Merges built-in defaults, the config file and the flags (in that order)."""
+    file = load_config_file(args.config) if args.config else None
+    server = dict(SERVER_DEFAULTS)
+    if file:
+        server.update(file.server)
+    for key in SERVER_DEFAULTS:
+        if getattr(args, key) is not None:
+            server[key] = getattr(args, key)
+    flag_knobs = {
+        "max_streams": args.max_streams,
+        "chunk_blocks": args.chunk_blocks,
+        "max_batch_delay_ms": args.max_batch_delay_ms,
+        "idle_timeout_s": args.idle_timeout_s,
+        "max_output_backlog": args.max_output_backlog,
+        "slow_consumer_timeout_s": args.slow_consumer_timeout_s,
+        "buckets": [int(b) for b in args.buckets.split(",")] if args.buckets else None,
+        "device": args.device,
+    }
+    defaults = file.defaults if file else {}
+    models: dict[str, ServableModel] = {}
+    schedulers: dict[str, SchedulerConfig] = {}
+    for entry in file.models if file else []:
+        if entry.builtin is not None:
+            if entry.builtin not in BUILTIN_MODELS:
+                raise ModelLoadError(
+                    f"{args.config}: [models.{entry.name}] builtin {entry.builtin!r} is not one "
+                    f"of {', '.join(sorted(BUILTIN_MODELS))}."
+                )
+            model = BUILTIN_MODELS[entry.builtin]()
+            model.name = entry.name
+        else:
+            model = load_model_dir(entry.path or "", name=entry.name)
+        models[entry.name] = model
+        schedulers[entry.name] = scheduler_config(defaults, entry.scheduler, flag_knobs)
+    for name, model in load_models(args.model, default_builtins=not models).items():
+        models[name] = model
+        schedulers[name] = scheduler_config(defaults, flag_knobs)
+    keys = list(server.get("api_keys") or []) + list(args.api_key)
+    if server.get("api_key_file"):
+        text = Path(server["api_key_file"]).read_text()
+        keys += [line.strip() for line in text.splitlines() if line.strip()]
+    return Settings(server, models, schedulers, keys)
+
+
+def load_models(specs: list[str], default_builtins: bool = True) -> dict[str, ServableModel]:
+    if not specs:
+        if not default_builtins:
+            return {}
+        return {name: build() for name, build in BUILTIN_MODELS.items()}
+    models: dict[str, ServableModel] = {}
+    for spec in specs:
+        if "=" in spec:
+            name, directory = spec.split("=", 1)
+            models[name] = load_model_dir(directory, name=name)
+        elif spec in BUILTIN_MODELS:
+            models[spec] = BUILTIN_MODELS[spec]()
+        else:
+            raise ModelLoadError(
+                f"--model {spec!r}: use NAME=DIR or a built-in name ({', '.join(BUILTIN_MODELS)})."
+            )
+    return models
+
+
+async def serve(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    streams_changed = asyncio.Event()
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+
+    def record(stats: Any) -> None:
+        metrics.record(stats)
+        if isinstance(stats, StreamStats):
+            loop.call_soon_threadsafe(streams_changed.set)
+
+    settings = resolve_settings(args)
+    cfg = settings.server
+    models = settings.models
+    runtime = Runtime(models, settings.schedulers, stats_sink=record)
+    metrics.attach(runtime)
+    keys = settings.api_keys
+    tls = None
+    if cfg["tls_cert"] or cfg["tls_key"]:
+        if not (cfg["tls_cert"] and cfg["tls_key"]):
+            raise ModelLoadError("--tls-cert and --tls-key go together.")
+        tls = (Path(cfg["tls_key"]).read_bytes(), Path(cfg["tls_cert"]).read_bytes())
+
+    grpc_server = GrpcServer(runtime, cfg["host"], cfg["grpc_port"], keys, tls)
+    await grpc_server.set_serving(False)
+    await grpc_server.start()
+    app = create_app(runtime, keys, metrics.render)
+    http = _EmbeddedUvicorn(
+        uvicorn.Config(
+            app,
+            host=cfg["host"],
+            port=cfg["http_port"],
+            log_level=cfg["log_level"].lower(),
+            ssl_certfile=cfg["tls_cert"],
+            ssl_keyfile=cfg["tls_key"],
+            ws_ping_interval=20.0,
+            ws_ping_timeout=20.0,
+            # Streams were drained already; never hang on a stuck connection.
+            timeout_graceful_shutdown=2,
+        )
+    )
+    http_task = asyncio.create_task(http.serve())
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    log.info("compiling %s", ", ".join(models))
+    compile_task = loop.run_in_executor(None, runtime.start)
+    await asyncio.wait(
+        [asyncio.ensure_future(compile_task), asyncio.ensure_future(stop.wait())],
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    if compile_task.done():
+        compile_task.result()
+        await grpc_server.set_serving(True)
+        log.info(
+            "ready: grpc %s:%d, http %s:%d",
+            cfg["host"],
+            grpc_server.port,
+            cfg["host"],
+            cfg["http_port"],
+        )
+        print(f"sl-serve ready grpc={grpc_server.port} http={cfg['http_port']}", flush=True)
+        await stop.wait()
+
+    if not compile_task.done():
+        runtime.stop()  # stops compiling after the bucket in progress
+    # Drain: refuse new streams, let streams in flight finish, then end them.
+    log.info("draining for up to %.1f s", cfg["drain_seconds"])
+    runtime.drain()
+    await grpc_server.set_serving(False)
+    deadline = loop.time() + cfg["drain_seconds"]
+    while runtime.active_streams and loop.time() < deadline:
+        streams_changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(streams_changed.wait(), deadline - loop.time())
+    await compile_task
+    runtime.stop()
+    await grpc_server.stop(grace=1.0)
+    http.should_exit = True
+    await http_task
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=(args.log_level or "info").upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        return asyncio.run(serve(args))
+    except (ModelLoadError, ConfigFileError, OSError, ValueError) as e:
+        print(f"sl-serve: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Conversions between wire messages and runtime values, and the one mapping
+from runtime errors to transport codes (gRPC status, WebSocket close)."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import numpy as np
+
+from protos import streaming_pb2 as pb
+from server.errors import InvalidArgument, ResourceExhausted, StreamError
+from server.model import ModelInfo
+
+_NP_BY_DTYPE = {pb.FLOAT32: np.dtype("<f4"), pb.INT16: np.dtype("<i2"), pb.INT32: np.dtype("<i4")}
+_DTYPE_BY_NAME = {"float32": pb.FLOAT32, "int16": pb.INT16, "int32": pb.INT32}
+WIRE_DTYPES = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2"), "int32": np.dtype("<i4")}
+
+# WebSocket close codes (RFC 6455) for each status code name.
+WS_CLOSE_CODES = {
+    "INVALID_ARGUMENT": 1007,
+    "NOT_FOUND": 1008,
+    "UNAUTHENTICATED": 1008,
+    "DEADLINE_EXCEEDED": 1008,
+    "RESOURCE_EXHAUSTED": 1013,
+    "UNAVAILABLE": 1013,
+    "CANCELLED": 1000,
+    "INTERNAL": 1011,
+}
+
+
+def grpc_status(error: StreamError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
+
+
+def ws_close_code(error: StreamError) -> int:
+    return WS_CLOSE_CODES.get(error.code, 1011)
+
+
+def tensor_to_array(tensor: pb.Tensor, max_bytes: int) -> np.ndarray:
+    """Decodes a chunk; raises InvalidArgument naming what is wrong."""
+    dtype = _NP_BY_DTYPE.get(tensor.dtype)
+    if dtype is None:
+        name = pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype
+        raise InvalidArgument(f"chunk dtype {name} is not supported; use FLOAT32 or INT16.")
+    shape = [int(d) for d in tensor.shape]
+    if not shape or any(d < 0 for d in shape):
+        raise InvalidArgument(f"chunk shape {shape} is invalid; use [frames, *channel_shape].")
+    if len(tensor.data) > max_bytes:
+        raise ResourceExhausted(
+            f"chunk of {len(tensor.data)} bytes exceeds the limit of {max_bytes}; "
+            "send smaller chunks."
+        )
+    expected = math.prod(shape) * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise InvalidArgument(
+            f"chunk data has {len(tensor.data)} bytes but shape {shape} of "
+            f"{dtype.name} needs {expected}."
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def array_to_tensor(values: np.ndarray) -> pb.Tensor:
+    values = np.ascontiguousarray(values, dtype="<f4")
+    return pb.Tensor(shape=list(values.shape), dtype=pb.FLOAT32, data=values.tobytes())
+
+
+def decode_ws_frames(data: bytes, dtype_name: str, channel_shape: tuple[int, ...]) -> np.ndarray:
+    """Binary WebSocket message -> `[frames, *channel_shape]`."""
+    dtype = WIRE_DTYPES[dtype_name]
+    frame_bytes = math.prod(channel_shape) * dtype.itemsize
+    if len(data) % frame_bytes:
+        raise InvalidArgument(
+            f"binary message of {len(data)} bytes is not a whole number of frames "
+            f"({frame_bytes} bytes each: {list(channel_shape)} {dtype_name})."
+        )
+    return (
+        np.frombuffer(data, dtype=dtype).reshape(-1, *channel_shape).astype(dtype.newbyteorder("="))
+    )
+
+
+def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=info.name,
+        description=info.description,
+        input_shape=list(info.input_shape),
+        input_dtype=_DTYPE_BY_NAME.get(info.input_dtype, pb.FLOAT32),
+        output_shape=list(info.output_shape),
+        output_dtype=pb.FLOAT32,
+        sample_rate=info.sample_rate,
+        block_size=info.block_size,
+        output_ratio=pb.Ratio(
+            numerator=info.output_ratio.numerator, denominator=info.output_ratio.denominator
+        ),
+        input_latency=info.input_latency,
+        output_latency=info.output_latency,
+        max_streams=info.max_streams,
+    )

@@ -1,0 +1,145 @@
+"""The browser client in headless Chromium: a fake microphone (a wav the
+test writes) streams through the page's AudioWorklet and WebSocket to a real
+`sl-serve`; the page's received frame count must equal what the server sent.
+A screenshot is kept under artifacts/."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import websockets
+
+from tests.server.serving import ROOT, free_port, running_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (make test installs it as root)"
+)
+
+
+def write_wav(path: Path, seconds: float, rate: int = 16000) -> None:
+    t = np.arange(int(seconds * rate)) / rate
+    chirp = 0.3 * np.sin(2 * np.pi * (200 + 1500 * t / seconds) * t)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((chirp * 32767).astype("<i2").tobytes())
+
+
+async def _evaluate(ws: websockets.ClientConnection, expression: str, ids: list[int]) -> object:
+    ids[0] += 1
+    await ws.send(
+        json.dumps(
+            {
+                "id": ids[0],
+                "method": "Runtime.evaluate",
+                "params": {"expression": expression, "returnByValue": True},
+            }
+        )
+    )
+    while True:
+        msg = json.loads(await ws.recv())
+        if msg.get("id") == ids[0]:
+            return msg["result"]["result"].get("value")
+
+
+async def drive_page(debug_port: int, artifact: Path) -> dict[str, object]:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            pages = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json").read())
+            page = next(p for p in pages if p["type"] == "page")
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+    async with websockets.connect(page["webSocketDebuggerUrl"], max_size=2**26) as ws:
+        ids = [0]
+        state: dict[str, object] = {}
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            status = await _evaluate(ws, "document.body.dataset.status || ''", ids)
+            if status in ("ended", "error", "closed"):
+                break
+            await asyncio.sleep(0.25)
+        state["status"] = status
+        state["error"] = await _evaluate(ws, "document.body.dataset.error || ''", ids)
+        state["frames"] = int(
+            await _evaluate(ws, "document.getElementById('frames').dataset.count", ids)
+        )
+        state["server_frames"] = int(
+            await _evaluate(ws, "document.getElementById('server-frames').dataset.count", ids)
+        )
+        state["sent"] = int(
+            await _evaluate(ws, "document.getElementById('sent').dataset.count", ids)
+        )
+        ids[0] += 1
+        await ws.send(
+            json.dumps(
+                {"id": ids[0], "method": "Page.captureScreenshot", "params": {"format": "png"}}
+            )
+        )
+        while True:
+            msg = json.loads(await ws.recv())
+            if msg.get("id") == ids[0]:
+                artifact.write_bytes(base64.b64decode(msg["result"]["data"]))
+                break
+        return state
+
+
+def test_browser_streams_microphone_and_shows_frames(tmp_path: Path) -> None:
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, 3.0)
+    artifacts = ROOT / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    with running_server(["--model", "logmel", "--max-streams", "2", "--buckets", "2"]) as server:
+        debug_port = free_port()
+        profile = tempfile.mkdtemp(prefix="chromium-")
+        url = f"{server.http_url}/?model=logmel&autostart=1&seconds=2"
+        browser = subprocess.Popen(
+            [
+                str(CHROMIUM),
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--autoplay-policy=no-user-gesture-required",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={wav}",
+                f"--remote-debugging-port={debug_port}",
+                f"--user-data-dir={profile}",
+                "--window-size=900,600",
+                url,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            state = asyncio.run(drive_page(debug_port, artifacts / "browser.png"))
+        finally:
+            browser.kill()
+            browser.wait(timeout=10)
+            shutil.rmtree(profile, ignore_errors=True)
+    assert state["status"] == "ended", state
+    assert state["sent"] > 16000  # about 2 s of 16 kHz audio reached the server
+    assert state["frames"] > 0
+    assert state["frames"] == state["server_frames"], state
+    assert (artifacts / "browser.png").stat().st_size > 1000

@@ -1,0 +1,240 @@
+"""Deployment files: the dashboard queries only metrics the server exposes,
+Kubernetes manifests validate offline (base and overlay resolved), the
+compose file parses, and the Dockerfile's entrypoint works as written."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from server.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.30.0"
+
+
+def exposed_metric_names() -> set[str]:
+    registry = CollectorRegistry()
+    Metrics(registry, runtime=types.SimpleNamespace(schedulers={}))  # type: ignore[arg-type]
+    from prometheus_client import generate_latest
+
+    text = generate_latest(registry).decode()
+    names = set(re.findall(r"^# TYPE (\w+) ", text, re.M))
+    # Histograms expose _bucket/_sum/_count, counters _total (+ _created).
+    return names | {n + s for n in names for s in ("_bucket", "_sum", "_count", "_total")}
+
+
+def test_dashboard_queries_only_exposed_metrics() -> None:
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/sequence-layers-serving.json").read_text())
+    exposed = exposed_metric_names()
+    pinned = {
+        "sl_streams_active", "sl_stream_slots", "sl_streams_total", "sl_tick_seconds",
+        "sl_tick_batch_size", "sl_queue_wait_seconds", "sl_chunk_latency_seconds",
+        "sl_first_output_seconds", "sl_input_frames_total", "sl_output_frames_total",
+        "sl_errors_total", "sl_compile_seconds",
+    }  # fmt: skip
+    assert pinned <= exposed
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used |= set(re.findall(r"\bsl_\w+", target["expr"]))
+    assert used and used <= exposed, used - exposed
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("slots", "outcome", "tick time", "batch", "queue", "chunk latency",
+                  "first-output", "frames", "real-time", "errors"):  # fmt: skip
+        assert topic in titles
+
+
+# A small kustomize: enough of the format to resolve our base and overlay.
+
+
+def _load_docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """Strategic merge for our patches: dicts merge, named lists merge by name."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            out[k] = _merge(base[k], v) if k in base else v
+        return out
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(x, dict) and "name" in x for x in base + patch)
+    ):
+        out = [copy.deepcopy(x) for x in base]
+        for item in patch:
+            match = next((i for i, x in enumerate(out) if x["name"] == item["name"]), None)
+            if match is None:
+                out.append(item)
+            else:
+                out[match] = _merge(out[match], item)
+        return out
+    return patch
+
+
+def _json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+    for op in ops:
+        parts = [p for p in op["path"].split("/") if p]
+        target: Any = doc
+        for p in parts[:-1]:
+            target = target[int(p)] if isinstance(target, list) else target[p]
+        last: Any = int(parts[-1]) if isinstance(target, list) else parts[-1]
+        assert op["op"] in ("replace", "add"), op
+        if op["op"] == "replace":
+            assert last in target if isinstance(target, dict) else last < len(target), op["path"]
+        target[last] = op["value"]
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    docs: list[dict[str, Any]] = []
+    for res in k.get("resources", []):
+        path = directory / res
+        docs += kustomize(path) if path.is_dir() else _load_docs(path)
+    for label in k.get("labels", []):
+        for d in docs:
+            d.setdefault("metadata", {}).setdefault("labels", {}).update(label["pairs"])
+            if label.get("includeSelectors") and d["kind"] in ("Deployment",):
+                d["spec"]["selector"]["matchLabels"].update(label["pairs"])
+                d["spec"]["template"]["metadata"]["labels"].update(label["pairs"])
+            if label.get("includeSelectors") and d["kind"] == "Service":
+                d["spec"]["selector"].update(label["pairs"])
+    for image in k.get("images", []):
+        for d in docs:
+            if d["kind"] == "Deployment":
+                for c in d["spec"]["template"]["spec"]["containers"]:
+                    if c["image"].split(":")[0] == image["name"]:
+                        c["image"] = f"{image['name']}:{image['newTag']}"
+    for patch in k.get("patches", []):
+        if "path" in patch:
+            p = yaml.safe_load((directory / patch["path"]).read_text())
+            matches = [
+                d
+                for d in docs
+                if d["kind"] == p["kind"] and d["metadata"]["name"] == p["metadata"]["name"]
+            ]
+            assert len(matches) == 1, f"patch {patch['path']} matches {len(matches)} resources"
+            docs[docs.index(matches[0])] = _merge(matches[0], p)
+        else:
+            t = patch["target"]
+            matches = [
+                d for d in docs if d["kind"] == t["kind"] and d["metadata"]["name"] == t["name"]
+            ]
+            assert len(matches) == 1, t
+            _json_patch(matches[0], yaml.safe_load(patch["patch"]))
+    return docs
+
+
+@pytest.mark.parametrize("variant", ["base", "overlays/gpu"])
+def test_kubernetes_manifests_validate(variant: str) -> None:
+    docs = kustomize(DEPLOY / "k8s" / variant)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        ["ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler",
+         "PodDisruptionBudget", "ServiceMonitor"]
+    )  # fmt: skip
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com"):
+            # A CRD: no upstream schema; check what the operator needs.
+            assert doc["spec"]["endpoints"][0]["port"] == "http"
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["server.toml"]
+    drain = float(re.search(r"drain_seconds\s*=\s*([\d.]+)", config).group(1))  # type: ignore[union-attr]
+    assert pod["terminationGracePeriodSeconds"] >= drain + 5 + 5  # preStop + drain + margin
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert {p["port"] for p in service["spec"]["ports"]} == {50051, 8080}
+    assert service["spec"]["selector"].items() <= pod_labels(deployment).items()
+    if variant == "overlays/gpu":
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert container["image"].endswith(":cuda")
+        assert 'device = "gpu:0"' in config
+
+
+def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def test_server_toml_in_configmaps_loads(tmp_path: Path) -> None:
+    from server.config_file import load_config_file
+
+    for variant in ("base", "overlays/gpu"):
+        docs = kustomize(DEPLOY / "k8s" / variant)
+        text = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["server.toml"]
+        (tmp_path / "server.toml").write_text(text)
+        config = load_config_file(tmp_path / "server.toml")
+        assert {m.builtin for m in config.models} <= {"demo-asr", "logmel", "demo-vocoder"}
+
+
+def test_compose_file_parses_and_references_existing_files() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert set(compose["services"]) == {"sl-serve", "prometheus", "grafana"}
+    assert "50051:50051" in compose["services"]["sl-serve"]["ports"]
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert (DEPLOY / source).exists(), source
+    prometheus = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    assert prometheus["scrape_configs"][0]["static_configs"][0]["targets"] == ["sl-serve:8080"]
+
+
+def _dockerfile_json(instruction: str) -> list[str]:
+    text = (ROOT / "Dockerfile").read_text()
+    match = re.findall(rf"^{instruction}\s+(\[.*\])\s*$", text, re.M)
+    assert match, f"no JSON-form {instruction} in Dockerfile"
+    return json.loads(match[-1])
+
+
+def test_dockerfile_entrypoint_and_healthcheck_work_as_written() -> None:
+    entrypoint, cmd = _dockerfile_json("ENTRYPOINT"), _dockerfile_json("CMD")
+    text = (ROOT / "Dockerfile").read_text()
+    health = json.loads(re.search(r"HEALTHCHECK[^\n]*\\\n\s+CMD\s+(\[.*\])", text).group(1))  # type: ignore[union-attr]
+    assert entrypoint == ["sl-serve"] and "USER sl" in text and "EXPOSE 50051 8080" in text
+    bin_dir = Path(sys.executable).parent
+    proc = subprocess.Popen(
+        [str(bin_dir / entrypoint[0]), *cmd, "--model", "logmel", "--max-streams", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            check = subprocess.run(
+                [str(bin_dir / "python"), *health[1:]], capture_output=True, timeout=10
+            )
+            if check.returncode == 0:
+                break
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "HEALTHCHECK never passed"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()

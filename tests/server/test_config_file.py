@@ -1,0 +1,85 @@
+"""`sl-serve --config`: per-model knobs, flags override the file, errors name the line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.config_file import ConfigFileError, load_config_file
+from server.serve import build_parser, resolve_settings
+
+GOOD = """
+[server]
+grpc_port = 6000
+drain_seconds = 3.5
+
+[defaults]
+max_streams = 8
+max_batch_delay_ms = 2
+
+[models.mel]
+builtin = "logmel"
+max_streams = 4
+chunk_blocks = 3
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "server.toml"
+    path.write_text(text)
+    return path
+
+
+def test_file_models_defaults_and_flag_overrides(tmp_path: Path) -> None:
+    path = _write(tmp_path, GOOD)
+    args = build_parser().parse_args(["--config", str(path), "--max-batch-delay-ms", "7"])
+    settings = resolve_settings(args)
+    assert list(settings.models) == ["mel"]
+    assert settings.models["mel"].name == "mel"
+    sched = settings.schedulers["mel"]
+    assert (sched.max_streams, sched.chunk_blocks, sched.max_batch_delay_ms) == (4, 3, 7)
+    assert settings.server["grpc_port"] == 6000 and settings.server["http_port"] == 8080
+    assert settings.server["drain_seconds"] == 3.5
+
+    args = build_parser().parse_args(["--config", str(path), "--grpc-port", "7000"])
+    assert resolve_settings(args).server["grpc_port"] == 7000
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "reason"),
+    [
+        (
+            "[server]\ngrpc_port = 1\n\n[models.a]\nbuiltin = 'logmel'\nmax_streams = 'many'\n",
+            6,
+            "`max_streams` must be int",
+        ),
+        ("[server]\nport = 1\n", 2, "unknown key `port`"),
+        ("[defaults]\nmax_streams = 0\n", 2, "must be positive"),
+        ("[models.a]\nmax_streams = 3\n", 1, "exactly one of `path` or `builtin`"),
+        ("[server]\nhost = \n", 2, "line 2"),
+        ("[extra]\n", 1, "unknown table"),
+    ],
+)
+def test_invalid_files_name_line_and_reason(
+    tmp_path: Path, text: str, line: int, reason: str
+) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigFileError) as info:
+        load_config_file(path)
+    message = str(info.value)
+    assert str(path) in message and reason in message
+    if "line" not in reason:
+        assert f"{path}:{line}:" in message
+
+
+def test_sl_serve_refuses_a_bad_file_before_starting(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[server]\ngrpc_port = 'x'\n")
+    script = Path(sys.executable).parent / "sl-serve"
+    proc = subprocess.run(
+        [str(script), "--config", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert f"{path}:2: `grpc_port` must be int" in proc.stderr

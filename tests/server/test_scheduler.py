@@ -1,0 +1,223 @@
+"""The runtime's central promise: every stream, batched with arbitrary others,
+gets exactly `layer()` of its own input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import jax
+import numpy as np
+import pytest
+
+import sequence_layers as sl
+from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from server.model import ServableModel, init_variables
+from server.scheduler import Scheduler, SchedulerConfig, buckets_for
+from server.session import Ended, Output
+from tests.server.streaming import drive
+
+
+def _model(name: str, config: sl.SequenceLayerConfig, channels: int) -> ServableModel:
+    return ServableModel(name, config, init_variables(config, (channels,), seed=1), (channels,))
+
+
+# Small models covering ratio < 1, > 1 and nonzero input/output latency.
+MODELS = {
+    # reverse_causal lookahead (in/out latency 4), stride 2 (ratio 1/2, block 2), LSTM state.
+    "downsample_latency": lambda: _model(
+        "downsample_latency",
+        sl.Serial.Config(
+            (
+                sl.Conv1D.Config(filters=6, kernel_size=5, padding="reverse_causal"),
+                sl.Conv1D.Config(filters=6, kernel_size=3, strides=2, padding="causal"),
+                sl.LSTM.Config(units=5),
+            )
+        ),
+        3,
+    ),
+    # ratio 2 through a causal transposed conv, then a causal conv.
+    "upsample": lambda: _model(
+        "upsample",
+        sl.Serial.Config(
+            (
+                sl.Conv1DTranspose.Config(filters=4, kernel_size=4, strides=2, padding="causal"),
+                sl.Conv1D.Config(filters=3, kernel_size=3, padding="causal"),
+            )
+        ),
+        2,
+    ),
+}
+
+
+def _run(scheduler: Scheduler, inputs: list[np.ndarray], max_chunk: int, seed: int) -> list:
+    out_shape = tuple(scheduler.model.output_spec.shape)
+
+    async def main() -> list:
+        loop = asyncio.get_running_loop()
+        tasks = [
+            drive(
+                lambda: scheduler.open_stream(loop),
+                x,
+                np.random.default_rng(seed * 1000 + i),
+                max_chunk,
+                out_shape,
+            )
+            for i, x in enumerate(inputs)
+        ]
+        return await asyncio.gather(*tasks)
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def scheduler(request: pytest.FixtureRequest):
+    model = MODELS[request.param]()
+    sched = Scheduler(
+        model,
+        SchedulerConfig(max_streams=16, chunk_blocks=2, max_batch_delay_ms=1, buckets=(4, 16)),
+    )
+    sched.start()
+    yield sched
+    sched.stop()
+
+
+def test_concurrent_streams_equal_offline(scheduler: Scheduler) -> None:
+    rng = np.random.default_rng(0)
+    channels = scheduler.model.input_shape
+    inputs = [
+        rng.normal(size=(int(rng.integers(0, 60)), *channels)).astype(np.float32) for _ in range(16)
+    ]
+    results = _run(scheduler, inputs, max_chunk=3 * scheduler.chunk_frames, seed=1)
+    for x, (y, ended) in zip(inputs, results, strict=True):
+        expected = scheduler.model.offline(x)
+        assert y.shape == expected.shape
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+        assert ended.frames_in == len(x) and ended.frames_out == len(y)
+    assert scheduler.active_streams == 0
+
+
+def test_huge_values_do_not_leak_into_other_streams(scheduler: Scheduler) -> None:
+    rng = np.random.default_rng(2)
+    channels = scheduler.model.input_shape
+    normal = [rng.normal(size=(40, *channels)).astype(np.float32) for _ in range(5)]
+    huge = [(rng.normal(size=(40, *channels)) * 1e30).astype(np.float32) for _ in range(3)]
+    results = _run(scheduler, normal + huge, max_chunk=5, seed=3)
+    for x, (y, _) in zip(normal, results[: len(normal)], strict=True):
+        np.testing.assert_allclose(y, scheduler.model.offline(x), rtol=1e-5, atol=1e-5)
+
+
+def test_reused_slot_starts_from_initial_state(scheduler: Scheduler) -> None:
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(30, *scheduler.model.input_shape)).astype(np.float32)
+    first = _run(scheduler, [x * 50], max_chunk=7, seed=5)
+    second = _run(scheduler, [x], max_chunk=7, seed=6)
+    assert first and second
+    np.testing.assert_allclose(second[0][0], scheduler.model.offline(x), rtol=1e-5, atol=1e-5)
+
+
+def test_buckets_are_powers_of_two() -> None:
+    assert buckets_for(1) == [1]
+    assert buckets_for(12) == [1, 2, 4, 8, 16]
+    assert buckets_for(16) == [1, 2, 4, 8, 16]
+
+
+@pytest.fixture(scope="module")
+def small() -> Scheduler:
+    model = MODELS["downsample_latency"]()
+    sched = Scheduler(
+        model,
+        SchedulerConfig(max_streams=4, max_batch_delay_ms=1, idle_timeout_s=0.3, buckets=(4,)),
+    )
+    sched.start()
+    yield sched
+    sched.stop()
+
+
+def test_open_cancel_cycles_free_every_slot(small: Scheduler) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for i in range(2000):
+            session = small.open_stream(loop)
+            if i % 3 == 0:
+                session.send(np.zeros((i % 7, 3), np.float32))
+            session.cancel()
+        assert small.active_streams == 0
+        assert len(small._free_slots) == 4
+
+    asyncio.run(main())
+
+
+def test_admission_refuses_when_full(small: Scheduler) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sessions = [small.open_stream(loop) for _ in range(4)]
+        with pytest.raises(ResourceExhausted, match="maximum of 4 streams"):
+            small.open_stream(loop)
+        for s in sessions:
+            s.cancel()
+        small.open_stream(loop).cancel()
+
+    asyncio.run(main())
+
+
+def test_idle_stream_times_out_and_frees_slot(small: Scheduler) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        session = small.open_stream(loop)
+        session.send(np.ones((3, 3), np.float32))
+        with pytest.raises(DeadlineExceeded, match="idle timeout"):
+            async for _ in session.outputs():
+                pass
+        assert small.active_streams == 0
+
+    asyncio.run(main())
+
+
+def test_draining_refuses_new_streams(small: Scheduler) -> None:
+    async def main() -> None:
+        small.draining = True
+        try:
+            with pytest.raises(Unavailable):
+                small.open_stream(asyncio.get_running_loop())
+        finally:
+            small.draining = False
+
+    asyncio.run(main())
+
+
+def test_empty_stream_ends_at_once(small: Scheduler) -> None:
+    async def main() -> None:
+        session = small.open_stream(asyncio.get_running_loop())
+        session.end()
+        items = [item async for item in session.outputs()]
+        assert items == [Ended(0, 0, 0)]
+
+    asyncio.run(main())
+
+
+def test_bad_chunks_are_refused_and_stream_survives(small: Scheduler) -> None:
+    from server.errors import InvalidArgument
+
+    async def main() -> None:
+        session = small.open_stream(asyncio.get_running_loop())
+        with pytest.raises(InvalidArgument, match="shape"):
+            session.send(np.zeros((4, 5), np.float32))
+        with pytest.raises(InvalidArgument, match="non-finite"):
+            session.send(np.full((4, 3), np.nan, np.float32))
+        with pytest.raises(InvalidArgument, match="dtype"):
+            session.send(np.zeros((4, 3), np.float64))
+        x = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+        session.send(x)
+        session.end()
+        frames = [i.frames async for i in session.outputs() if isinstance(i, Output)]
+        np.testing.assert_allclose(
+            np.concatenate(frames), small.model.offline(x), rtol=1e-5, atol=1e-5
+        )
+
+    asyncio.run(main())
+
+
+def test_state_is_resident_and_slot_major(small: Scheduler) -> None:
+    leaves = jax.tree.leaves(small.state)
+    assert leaves and all(isinstance(leaf, jax.Array) for leaf in leaves)
+    assert all(small.rows in leaf.shape for leaf in leaves)
