@@ -33,9 +33,12 @@ def _attention(
 def _lagging_residual(
     body: tuple[sl.SequenceLayerConfig, ...], latency: int
 ) -> sl.SequenceLayerConfig:
-    # A body with lookahead needs the same delay on its shortcut.
+    # A body with lookahead lags by `latency` frames in `step` only (its `layer`
+    # output is aligned with its input), so the shortcut needs a step-only delay.
     if latency:
-        return sl.Residual.Config(body, shortcut_layers=(sl.Delay.Config(latency),))
+        return sl.Residual.Config(
+            body, shortcut_layers=(sl.Delay.Config(latency, delay_layer_output=False),)
+        )
     return sl.Residual.Config(body)
 
 

@@ -41,7 +41,11 @@ def test_metrics_after_known_streams() -> None:
             grpc_client = AsyncGrpcClient(server.grpc_target)
             ws_client = AsyncWebSocketClient(server.ws_url)
             # 3 ok: two over gRPC, one over WebSocket.
-            for client, transport in ((grpc_client, "grpc"), (grpc_client, "grpc"), (ws_client, "websocket")):
+            for client, transport in (
+                (grpc_client, "grpc"),
+                (grpc_client, "grpc"),
+                (ws_client, "websocket"),
+            ):
                 async for event in client.stream("logmel", chunked(WAVE, 500)):
                     messages[transport] += type(event).__name__ == "Output"
             # 1 cancelled: one tick's worth of audio, wait for its output, leave.
@@ -78,7 +82,7 @@ def test_metrics_after_known_streams() -> None:
             "idle": "DEADLINE_EXCEEDED",
             "bad": "INVALID_ARGUMENT",
         }
-        m = lambda name, **labels: metric(server, name, model="logmel", **labels)  # noqa: E731
+        m = lambda name, **labels: metric(server, name, model="logmel", **labels)
         assert m("sl_streams_total", outcome="ok") == 3
         assert m("sl_streams_total", outcome="cancelled") == 1
         assert m("sl_streams_total", outcome="rejected") == 1
