@@ -20,8 +20,10 @@ import dataclasses
 import json
 import math
 import queue
+import ssl
 import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlparse
 
@@ -164,20 +166,24 @@ class AsyncGrpcClient:
     """asyncio gRPC client. `target` is HOST:PORT."""
 
     def __init__(
-        self, target: str, *, api_key: str | None = None, root_certificates: bytes | None = None
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        root_certificates: bytes | None = None,
+        secure: bool = False,
     ) -> None:
+        """`secure` (or `root_certificates`) uses TLS; without root
+        certificates the system's trusted roots verify the server."""
         options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
-        if root_certificates is not None:
+        if secure or root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates)
             self._channel = grpc.aio.secure_channel(target, creds, options=options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        self._stub = pb_grpc.StreamingInferenceStub(self._channel)
-        if root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates)
             self._sync_channel = grpc.secure_channel(target, creds, options=options)
         else:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
             self._sync_channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.StreamingInferenceStub(self._channel)
         self._sync_stub = pb_grpc.StreamingInferenceStub(self._sync_channel)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
@@ -353,7 +359,9 @@ class AsyncWebSocketClient:
         if self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
         loop = asyncio.get_running_loop()
-        body = await loop.run_in_executor(None, lambda: urllib.request.urlopen(req).read())
+        body = await loop.run_in_executor(
+            None, lambda: urllib.request.urlopen(req, context=self.ssl).read()
+        )
         return json.loads(body)["models"]
 
 
@@ -372,14 +380,24 @@ def decode_tensor(tensor: pb.Tensor) -> np.ndarray:
     return np.frombuffer(tensor.data, dtype).reshape(list(tensor.shape)).astype(np.float32)
 
 
-def aconnect(url: str, *, api_key: str | None = None) -> AsyncGrpcClient | AsyncWebSocketClient:
-    """`grpc://HOST:PORT` or `ws://HOST:PORT` (`wss://` for TLS)."""
+def aconnect(
+    url: str, *, api_key: str | None = None, ca_cert: str | None = None
+) -> AsyncGrpcClient | AsyncWebSocketClient:
+    """`grpc://HOST:PORT`, `grpcs://HOST:PORT` (TLS), `ws://HOST:PORT` or
+    `wss://HOST:PORT`. `ca_cert` is a PEM file to trust (e.g. a self-signed
+    server certificate) instead of the system's roots."""
     parsed = urlparse(url)
     if parsed.scheme in ("grpc", "grpcs"):
-        return AsyncGrpcClient(parsed.netloc, api_key=api_key)
+        roots = Path(ca_cert).read_bytes() if ca_cert else None
+        return AsyncGrpcClient(
+            parsed.netloc, api_key=api_key, root_certificates=roots, secure=parsed.scheme == "grpcs"
+        )
     if parsed.scheme in ("ws", "wss"):
-        return AsyncWebSocketClient(url, api_key=api_key)
-    raise ValueError(f"unsupported URL {url!r}: use grpc://HOST:PORT or ws://HOST:PORT.")
+        context = ssl.create_default_context(cafile=ca_cert) if parsed.scheme == "wss" else None
+        return AsyncWebSocketClient(url, api_key=api_key, ssl=context)
+    raise ValueError(
+        f"unsupported URL {url!r}: use grpc://, grpcs://, ws:// or wss:// followed by HOST:PORT."
+    )
 
 
 class Client:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
 import wave
@@ -16,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.client import Ended, Output, Started, StreamingError, aconnect, frames_for_ms
+from clients.client import (
+    AsyncWebSocketClient,
+    Ended,
+    Output,
+    Started,
+    StreamingError,
+    aconnect,
+    frames_for_ms,
+)
 
 
 def read_input(path: str) -> tuple[np.ndarray, int | None]:
@@ -32,7 +41,7 @@ def read_input(path: str) -> tuple[np.ndarray, int | None]:
 
 async def run(args: argparse.Namespace) -> int:
     x, wav_rate = read_input(args.input)
-    client = aconnect(args.url, api_key=args.api_key)
+    client = aconnect(args.url, api_key=args.api_key, ca_cert=args.ca_cert)
     total = len(x)
     sent = 0
     start = time.monotonic()
@@ -52,6 +61,12 @@ async def run(args: argparse.Namespace) -> int:
         info = None
         if hasattr(client, "get_model"):
             info = await client.get_model(args.model)  # type: ignore[union-attr]
+        else:
+            # WebSocket: the HTTP model listing has the sample rate (else the stream's
+            # own error, e.g. NOT_FOUND or UNAUTHENTICATED, is what gets reported).
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                models = await client.list_models()
+                info = next((m for m in models if m["name"] == args.model), None)
         rate = (info or {}).get("sample_rate") or wav_rate or 100
         if wav_rate and info and info.get("sample_rate") and wav_rate != info["sample_rate"]:
             print(
@@ -60,7 +75,10 @@ async def run(args: argparse.Namespace) -> int:
             )
             return 2
         chunk = frames_for_ms({"sample_rate": rate}, args.chunk_ms)
-        async for event in client.stream(args.model, chunks(chunk, rate)):
+        # WebSocket frames carry no dtype: say that wav samples are int16 PCM.
+        pcm = isinstance(client, AsyncWebSocketClient) and x.dtype == np.int16
+        kwargs = {"dtype": "int16"} if pcm else {}
+        async for event in client.stream(args.model, chunks(chunk, rate), **kwargs):
             if isinstance(event, Output):
                 frames.append(event.frames)
             elif isinstance(event, Ended):
@@ -72,6 +90,9 @@ async def run(args: argparse.Namespace) -> int:
                 print(f"\r{sent}/{total} frames sent, {done} out", end="", file=sys.stderr)
     except StreamingError as e:
         print(f"\nsl-stream: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # connection refused, TLS failure: no traceback
+        print(f"\nsl-stream: cannot reach {args.url}: {e}", file=sys.stderr)
         return 1
     finally:
         await client.close()
@@ -95,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--realtime", action="store_true", help="pace chunks in real time")
     p.add_argument("--chunk-ms", type=float, default=100.0)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--ca-cert", default=None, help="PEM certificate to trust (grpcs://, wss://)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     if not Path(args.input).is_file():

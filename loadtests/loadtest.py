@@ -122,7 +122,7 @@ async def one_utterance(
 
 
 async def run_load(args: argparse.Namespace, streams: int, progress: bool = True) -> RunStats:
-    client = aconnect(args.url, api_key=args.api_key)
+    client = aconnect(args.url, api_key=args.api_key, ca_cert=args.ca_cert)
     models = await client.list_models()
     info = next((m for m in models if m["name"] == args.model), None)
     if info is None:
@@ -183,11 +183,12 @@ async def find_capacity(args: argparse.Namespace) -> tuple[int, list[dict[str, A
         )
         return good
 
-    lo, hi = 0, args.streams
+    lo, hi = 0, min(args.streams, args.max_streams)
     while await ok(hi):
-        lo, hi = hi, hi * 2
-        if hi > args.max_streams:
+        lo = hi
+        if hi >= args.max_streams:
             return lo, sweep
+        hi = min(hi * 2, args.max_streams)  # the last doubling probes --max-streams itself
     while hi - lo > max(1, lo // 10):
         mid = (lo + hi) // 2
         if await ok(mid):
@@ -233,10 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-p99-ms", type=float, default=100.0)
     p.add_argument("--max-streams", type=int, default=4096)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--ca-cert", default=None, help="PEM certificate to trust (grpcs://, wss://)")
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--plot", default=None, help="write a PNG plot here")
     args = p.parse_args(argv)
 
+    try:
+        return _run_and_report(args)
+    except (StreamingError, OSError) as e:  # no traceback for a server we cannot use
+        print(f"sl-loadtest: {args.url}: {e}", file=sys.stderr)
+        return 1
+
+
+def _run_and_report(args: argparse.Namespace) -> int:
     if args.capacity:
         capacity, sweep = asyncio.run(find_capacity(args))
         result: dict[str, Any] = {

@@ -402,7 +402,28 @@ def _validate_window(
             raise ValueError(f"{name}: {what} must be >= 1, got {vals}.")
 
 
-class Conv1D(BaseConv):
+class _Conv1DWindow(BaseConv):
+    """Conv1D / DepthwiseConv1D: one time axis, configured by the int fields
+    `kernel_size`, `strides`, `dilation_rate` and `padding`."""
+
+    @property
+    def _kernel_size(self) -> tuple[int, ...]:
+        return (self.config.kernel_size,)
+
+    @property
+    def _strides(self) -> tuple[int, ...]:
+        return (self.config.strides,)
+
+    @property
+    def _dilation_rate(self) -> tuple[int, ...]:
+        return (self.config.dilation_rate,)
+
+    @property
+    def _paddings(self) -> tuple[Any, ...]:
+        return (self.config.padding,)
+
+
+class Conv1D(_Conv1DWindow):
     """1D convolution over time: `[b, t, c_in] -> [b, ceil-ish(t / strides), filters]`.
 
     Parameters: `kernel [kernel_size, c_in / groups, filters]`, `bias [filters]`.
@@ -461,22 +482,6 @@ class Conv1D(BaseConv):
 
     config: Config
 
-    @property
-    def _kernel_size(self) -> tuple[int, ...]:
-        return (self.config.kernel_size,)
-
-    @property
-    def _strides(self) -> tuple[int, ...]:
-        return (self.config.strides,)
-
-    @property
-    def _dilation_rate(self) -> tuple[int, ...]:
-        return (self.config.dilation_rate,)
-
-    @property
-    def _paddings(self) -> tuple[Any, ...]:
-        return (self.config.padding,)
-
     @nn.nowrap
     def get_output_shape(
         self, input_shape: types.ShapeLike, *, constants: types.Constants | None = None
@@ -497,7 +502,7 @@ class Conv1D(BaseConv):
         return self._run(values, kernel, bias, paddings, cfg.groups)
 
 
-class DepthwiseConv1D(BaseConv):
+class DepthwiseConv1D(_Conv1DWindow):
     """Depthwise 1D convolution: each input channel gets `depth_multiplier`
     filters of its own. `[b, t, c] -> [b, t', c * depth_multiplier]`.
 
@@ -558,22 +563,6 @@ class DepthwiseConv1D(BaseConv):
             return DepthwiseConv1D(self, name=self.name)
 
     config: Config
-
-    @property
-    def _kernel_size(self) -> tuple[int, ...]:
-        return (self.config.kernel_size,)
-
-    @property
-    def _strides(self) -> tuple[int, ...]:
-        return (self.config.strides,)
-
-    @property
-    def _dilation_rate(self) -> tuple[int, ...]:
-        return (self.config.dilation_rate,)
-
-    @property
-    def _paddings(self) -> tuple[Any, ...]:
-        return (self.config.padding,)
 
     @nn.nowrap
     def get_output_shape(

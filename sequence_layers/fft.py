@@ -74,10 +74,46 @@ def _real_dtype_for(dtype: Any) -> Any:
     raise ValueError(f"Unsupported FFT input dtype {dtype}; use a float or complex dtype.")
 
 
+# Field blocks shared by the forward (FFT, RFFT) and inverse (IFFT, IRFFT)
+# configs. They stay abstract (no `make`), so serialization never lists them;
+# each concrete Config adds only `name`, keeping the original field order.
+@dataclasses.dataclass(frozen=True)
+class _ForwardFFTFields(types.SequenceLayerConfig):
+    # FFT size; None means the input size.
+    fft_length: int | None = None
+    # Channel axis to transform (batch and time are refused).
+    axis: int = -1
+    # Pad/trim to fft_length at the 'right' or 'center'.
+    padding: FFTPaddingString = "right"
+
+    def __post_init__(self) -> None:
+        _check_fft_config(self.fft_length, self.padding)
+
+
+@dataclasses.dataclass(frozen=True)
+class _InverseFFTFields(types.SequenceLayerConfig):
+    # FFT size; None means the input size (IRFFT: 2 * (input size - 1)).
+    fft_length: int | None = None
+    # Output size after padding/trimming; None means the FFT size.
+    frame_length: int | None = None
+    # Channel axis to transform (batch and time are refused).
+    axis: int = -1
+    # Pad/trim to frame_length at the 'right' or 'center'.
+    padding: FFTPaddingString = "right"
+
+    def __post_init__(self) -> None:
+        _check_fft_config(self.fft_length, self.padding)
+
+
 class _FFTBase(types.Stateless):
     """Shared FFT logic: a transform over one channel axis, frame by frame."""
 
     config: Any
+
+    @nn.nowrap
+    def get_output_dtype(self, input_dtype: Any) -> Any:
+        # Complex output by default; RFFT and IRFFT override.
+        return _complex_dtype_for(input_dtype)
 
     @nn.nowrap
     def _output_length(self, input_length: int) -> int:
@@ -109,27 +145,14 @@ class FFT(_FFTBase):
     (inputs zero-padded or trimmed to `fft_length` first)."""
 
     @dataclasses.dataclass(frozen=True)
-    class Config(types.SequenceLayerConfig):
-        # FFT size; None means the input size.
-        fft_length: int | None = None
-        # Channel axis to transform (batch and time are refused).
-        axis: int = -1
-        # Pad/trim to fft_length at the 'right' or 'center'.
-        padding: FFTPaddingString = "right"
+    class Config(_ForwardFFTFields):
         # Optional module name.
         name: str | None = None
-
-        def __post_init__(self) -> None:
-            _check_fft_config(self.fft_length, self.padding)
 
         def make(self) -> FFT:
             return FFT(self, name=self.name)
 
     config: Config
-
-    @nn.nowrap
-    def get_output_dtype(self, input_dtype: Any) -> Any:
-        return _complex_dtype_for(input_dtype)
 
     @nn.nowrap
     def _output_length(self, input_length: int) -> int:
@@ -148,29 +171,14 @@ class IFFT(_FFTBase):
     `frame_length` (default: the FFT size)."""
 
     @dataclasses.dataclass(frozen=True)
-    class Config(types.SequenceLayerConfig):
-        # FFT size; None means the input size.
-        fft_length: int | None = None
-        # Output size after padding/trimming; None means the FFT size.
-        frame_length: int | None = None
-        # Channel axis to transform (batch and time are refused).
-        axis: int = -1
-        # Pad/trim to frame_length at the 'right' or 'center'.
-        padding: FFTPaddingString = "right"
+    class Config(_InverseFFTFields):
         # Optional module name.
         name: str | None = None
-
-        def __post_init__(self) -> None:
-            _check_fft_config(self.fft_length, self.padding)
 
         def make(self) -> IFFT:
             return IFFT(self, name=self.name)
 
     config: Config
-
-    @nn.nowrap
-    def get_output_dtype(self, input_dtype: Any) -> Any:
-        return _complex_dtype_for(input_dtype)
 
     @nn.nowrap
     def _output_length(self, input_length: int) -> int:
@@ -188,18 +196,9 @@ class RFFT(_FFTBase):
     `[..., fft_length // 2 + 1, ...]` (inputs padded or trimmed to `fft_length`)."""
 
     @dataclasses.dataclass(frozen=True)
-    class Config(types.SequenceLayerConfig):
-        # FFT size; None means the input size.
-        fft_length: int | None = None
-        # Channel axis to transform (batch and time are refused).
-        axis: int = -1
-        # Pad/trim to fft_length at the 'right' or 'center'.
-        padding: FFTPaddingString = "right"
+    class Config(_ForwardFFTFields):
         # Optional module name.
         name: str | None = None
-
-        def __post_init__(self) -> None:
-            _check_fft_config(self.fft_length, self.padding)
 
         def make(self) -> RFFT:
             return RFFT(self, name=self.name)
@@ -233,20 +232,9 @@ class IRFFT(_FFTBase):
     trimmed to `frame_length`."""
 
     @dataclasses.dataclass(frozen=True)
-    class Config(types.SequenceLayerConfig):
-        # FFT size; None means 2 * (input size - 1).
-        fft_length: int | None = None
-        # Output size after padding/trimming; None means the FFT size.
-        frame_length: int | None = None
-        # Channel axis to transform (batch and time are refused).
-        axis: int = -1
-        # Pad/trim to frame_length at the 'right' or 'center'.
-        padding: FFTPaddingString = "right"
+    class Config(_InverseFFTFields):
         # Optional module name.
         name: str | None = None
-
-        def __post_init__(self) -> None:
-            _check_fft_config(self.fft_length, self.padding)
 
         def make(self) -> IRFFT:
             return IRFFT(self, name=self.name)

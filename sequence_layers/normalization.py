@@ -147,6 +147,27 @@ class L2Normalize(types.PreservesType, types.StatelessPointwise):
         return Sequence(y.astype(values.dtype), x.mask)
 
 
+def _post_init_axis_and_sharding(cfg: Any) -> None:
+    """Makes `axis` and `sharding` hashable (LayerNormalization, RMSNormalization)."""
+    object.__setattr__(cfg, "axis", _hashable_axis(cfg.axis))
+    if cfg.sharding is not None:
+        object.__setattr__(cfg, "sharding", tuple(cfg.sharding))
+
+
+def _prepare_per_frame_input(
+    cfg: Any, x: Sequence, name: str
+) -> tuple[tuple[int, ...], jax.Array, jax.Array]:
+    """Shared input handling of LayerNormalization and RMSNormalization: the
+    normalized axes, the masked (optionally guarded) values, and those values
+    in the reduction dtype."""
+    axes = _normalize_axes(cfg.axis, x.ndim, name)
+    values = x.mask_invalid().values
+    if cfg.guard_against_excess_precision:
+        values = _guard_excess_precision(values)
+    v = values.astype(_reduction_dtype(values.dtype, cfg.reductions_in_at_least_fp32))
+    return axes, values, v
+
+
 class LayerNormalization(types.PreservesType, types.StatelessPointwise):
     """`(x - mean) / sqrt(var + epsilon) * scale + bias` over `axis`, per
     frame: `[b, t, *c]` to the same shape. Parameters are shaped like the
@@ -179,9 +200,7 @@ class LayerNormalization(types.PreservesType, types.StatelessPointwise):
         name: str | None = None
 
         def __post_init__(self) -> None:
-            object.__setattr__(self, "axis", _hashable_axis(self.axis))
-            if self.sharding is not None:
-                object.__setattr__(self, "sharding", tuple(self.sharding))
+            _post_init_axis_and_sharding(self)
 
         def make(self) -> LayerNormalization:
             return LayerNormalization(self, name=self.name)
@@ -194,11 +213,7 @@ class LayerNormalization(types.PreservesType, types.StatelessPointwise):
         self, x: Sequence, *, training: bool, constants: types.Constants | None = None
     ) -> Sequence:
         cfg = self.config
-        axes = _normalize_axes(cfg.axis, x.ndim, "LayerNormalization")
-        values = x.mask_invalid().values
-        if cfg.guard_against_excess_precision:
-            values = _guard_excess_precision(values)
-        v = values.astype(_reduction_dtype(values.dtype, cfg.reductions_in_at_least_fp32))
+        axes, values, v = _prepare_per_frame_input(cfg, x, "LayerNormalization")
         mean = jnp.mean(v, axis=axes, keepdims=True)
         variance = jnp.mean(jnp.square(v - mean), axis=axes, keepdims=True)
         y = (v - mean) * jax.lax.rsqrt(variance + cfg.epsilon)
@@ -243,9 +258,7 @@ class RMSNormalization(types.PreservesType, types.StatelessPointwise):
         name: str | None = None
 
         def __post_init__(self) -> None:
-            object.__setattr__(self, "axis", _hashable_axis(self.axis))
-            if self.sharding is not None:
-                object.__setattr__(self, "sharding", tuple(self.sharding))
+            _post_init_axis_and_sharding(self)
 
         def make(self) -> RMSNormalization:
             return RMSNormalization(self, name=self.name)
@@ -258,11 +271,7 @@ class RMSNormalization(types.PreservesType, types.StatelessPointwise):
         self, x: Sequence, *, training: bool, constants: types.Constants | None = None
     ) -> Sequence:
         cfg = self.config
-        axes = _normalize_axes(cfg.axis, x.ndim, "RMSNormalization")
-        values = x.mask_invalid().values
-        if cfg.guard_against_excess_precision:
-            values = _guard_excess_precision(values)
-        v = values.astype(_reduction_dtype(values.dtype, cfg.reductions_in_at_least_fp32))
+        axes, values, v = _prepare_per_frame_input(cfg, x, "RMSNormalization")
         mean_square = jnp.mean(jnp.square(v), axis=axes, keepdims=True)
         y = v * jax.lax.rsqrt(mean_square + cfg.epsilon)
         y = _zero_gradient_where(mean_square == 0, y).astype(values.dtype)

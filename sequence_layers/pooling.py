@@ -243,6 +243,25 @@ def _post_init_1d(cfg: Any) -> None:
             raise ValueError(f"{what} must be >= 1, got {getattr(cfg, what)}.")
 
 
+# The field blocks below are shared by the Min/Max/Average configs of one rank.
+# They stay abstract (no `make`), so serialization never lists them as types;
+# each concrete Config adds its own trailing fields and `name` last, keeping
+# the field order (and positional construction) of the original configs.
+@dataclasses.dataclass(frozen=True)
+class _Pooling1DFields(types.SequenceLayerConfig):
+    # Window length in frames.
+    pool_size: int
+    # Time stride (also the step block size).
+    strides: int = 1
+    # Spacing between pooled frames.
+    dilation_rate: int = 1
+    # Time padding mode (types.PaddingMode).
+    padding: str = "valid"
+
+    def __post_init__(self) -> None:
+        _post_init_1d(self)
+
+
 class _Pooling1D(BasePooling):
     @property
     def _rank(self) -> int:
@@ -259,22 +278,11 @@ class MinPooling1D(_Pooling1D):
     _kind: ClassVar[str] = "min"
 
     @dataclasses.dataclass(frozen=True)
-    class Config(types.SequenceLayerConfig):
+    class Config(_Pooling1DFields):
         """Config for MinPooling1D."""
 
-        # Window length in frames.
-        pool_size: int
-        # Time stride (also the step block size).
-        strides: int = 1
-        # Spacing between pooled frames.
-        dilation_rate: int = 1
-        # Time padding mode (types.PaddingMode).
-        padding: str = "valid"
         # Module name.
         name: str | None = None
-
-        def __post_init__(self) -> None:
-            _post_init_1d(self)
 
         def make(self) -> MinPooling1D:
             return MinPooling1D(self, name=self.name)
@@ -288,22 +296,11 @@ class MaxPooling1D(_Pooling1D):
     _kind: ClassVar[str] = "max"
 
     @dataclasses.dataclass(frozen=True)
-    class Config(types.SequenceLayerConfig):
+    class Config(_Pooling1DFields):
         """Config for MaxPooling1D."""
 
-        # Window length in frames.
-        pool_size: int
-        # Time stride (also the step block size).
-        strides: int = 1
-        # Spacing between pooled frames.
-        dilation_rate: int = 1
-        # Time padding mode (types.PaddingMode).
-        padding: str = "valid"
         # Module name.
         name: str | None = None
-
-        def __post_init__(self) -> None:
-            _post_init_1d(self)
 
         def make(self) -> MaxPooling1D:
             return MaxPooling1D(self, name=self.name)
@@ -318,24 +315,13 @@ class AveragePooling1D(_Pooling1D):
     _kind: ClassVar[str] = "average"
 
     @dataclasses.dataclass(frozen=True)
-    class Config(types.SequenceLayerConfig):
+    class Config(_Pooling1DFields):
         """Config for AveragePooling1D."""
 
-        # Window length in frames.
-        pool_size: int
-        # Time stride (also the step block size).
-        strides: int = 1
-        # Spacing between pooled frames.
-        dilation_rate: int = 1
-        # Time padding mode (types.PaddingMode).
-        padding: str = "valid"
         # Divide by the number of valid frames in the window, not pool_size.
         masked_average: bool = False
         # Module name.
         name: str | None = None
-
-        def __post_init__(self) -> None:
-            _post_init_1d(self)
 
         def make(self) -> AveragePooling1D:
             return AveragePooling1D(self, name=self.name)
@@ -365,6 +351,40 @@ def _post_init_nd(cfg: Any, rank: int) -> None:
     object.__setattr__(cfg, "spatial_padding", padding)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Pooling2DFields(types.SequenceLayerConfig):
+    # Window along (time, height); an int applies to every axis.
+    pool_size: int | tuple[int, ...]
+    # Strides along (time, height); the time stride is the step block size.
+    strides: int | tuple[int, ...] = 1
+    # Dilation along (time, height).
+    dilation_rate: int | tuple[int, ...] = 1
+    # Time padding mode (types.PaddingMode).
+    time_padding: str = "valid"
+    # Height padding: a padding mode or explicit (left, right).
+    spatial_padding: str | tuple[int, int] = "same"
+
+    def __post_init__(self) -> None:
+        _post_init_nd(self, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pooling3DFields(types.SequenceLayerConfig):
+    # Window along (time, height, width); an int applies to every axis.
+    pool_size: int | tuple[int, ...]
+    # Strides along (time, height, width); the time stride is the step block size.
+    strides: int | tuple[int, ...] = 1
+    # Dilation along (time, height, width).
+    dilation_rate: int | tuple[int, ...] = 1
+    # Time padding mode (types.PaddingMode).
+    time_padding: str = "valid"
+    # (height, width) paddings: each a padding mode or explicit (left, right).
+    spatial_padding: tuple[str | tuple[int, int], str | tuple[int, int]] = ("same", "same")
+
+    def __post_init__(self) -> None:
+        _post_init_nd(self, 3)
+
+
 class _Pooling2D(BasePooling):
     @property
     def _rank(self) -> int:
@@ -391,24 +411,11 @@ class MinPooling2D(_Pooling2D):
     _kind: ClassVar[str] = "min"
 
     @dataclasses.dataclass(frozen=True)
-    class Config(types.SequenceLayerConfig):
+    class Config(_Pooling2DFields):
         """Config for MinPooling2D."""
 
-        # Window along (time, height); an int applies to every axis.
-        pool_size: int | tuple[int, ...]
-        # Strides along (time, height); the time stride is the step block size.
-        strides: int | tuple[int, ...] = 1
-        # Dilation along (time, height).
-        dilation_rate: int | tuple[int, ...] = 1
-        # Time padding mode (types.PaddingMode).
-        time_padding: str = "valid"
-        # Height padding: a padding mode or explicit (left, right).
-        spatial_padding: str | tuple[int, int] = "same"
         # Module name.
         name: str | None = None
-
-        def __post_init__(self) -> None:
-            _post_init_nd(self, 2)
 
         def make(self) -> MinPooling2D:
             return MinPooling2D(self, name=self.name)
@@ -422,24 +429,11 @@ class MaxPooling2D(_Pooling2D):
     _kind: ClassVar[str] = "max"
 
     @dataclasses.dataclass(frozen=True)
-    class Config(types.SequenceLayerConfig):
+    class Config(_Pooling2DFields):
         """Config for MaxPooling2D."""
 
-        # Window along (time, height); an int applies to every axis.
-        pool_size: int | tuple[int, ...]
-        # Strides along (time, height); the time stride is the step block size.
-        strides: int | tuple[int, ...] = 1
-        # Dilation along (time, height).
-        dilation_rate: int | tuple[int, ...] = 1
-        # Time padding mode (types.PaddingMode).
-        time_padding: str = "valid"
-        # Height padding: a padding mode or explicit (left, right).
-        spatial_padding: str | tuple[int, int] = "same"
         # Module name.
         name: str | None = None
-
-        def __post_init__(self) -> None:
-            _post_init_nd(self, 2)
 
         def make(self) -> MaxPooling2D:
             return MaxPooling2D(self, name=self.name)
@@ -453,26 +447,13 @@ class AveragePooling2D(_Pooling2D):
     _kind: ClassVar[str] = "average"
 
     @dataclasses.dataclass(frozen=True)
-    class Config(types.SequenceLayerConfig):
+    class Config(_Pooling2DFields):
         """Config for AveragePooling2D."""
 
-        # Window along (time, height); an int applies to every axis.
-        pool_size: int | tuple[int, ...]
-        # Strides along (time, height); the time stride is the step block size.
-        strides: int | tuple[int, ...] = 1
-        # Dilation along (time, height).
-        dilation_rate: int | tuple[int, ...] = 1
-        # Time padding mode (types.PaddingMode).
-        time_padding: str = "valid"
-        # Height padding: a padding mode or explicit (left, right).
-        spatial_padding: str | tuple[int, int] = "same"
         # Divide by the number of valid frames in the window, not the pool size.
         masked_average: bool = False
         # Module name.
         name: str | None = None
-
-        def __post_init__(self) -> None:
-            _post_init_nd(self, 2)
 
         def make(self) -> AveragePooling2D:
             return AveragePooling2D(self, name=self.name)
@@ -486,24 +467,11 @@ class MinPooling3D(_Pooling3D):
     _kind: ClassVar[str] = "min"
 
     @dataclasses.dataclass(frozen=True)
-    class Config(types.SequenceLayerConfig):
+    class Config(_Pooling3DFields):
         """Config for MinPooling3D."""
 
-        # Window along (time, height, width); an int applies to every axis.
-        pool_size: int | tuple[int, ...]
-        # Strides along (time, height, width); the time stride is the step block size.
-        strides: int | tuple[int, ...] = 1
-        # Dilation along (time, height, width).
-        dilation_rate: int | tuple[int, ...] = 1
-        # Time padding mode (types.PaddingMode).
-        time_padding: str = "valid"
-        # (height, width) paddings: each a padding mode or explicit (left, right).
-        spatial_padding: tuple[str | tuple[int, int], str | tuple[int, int]] = ("same", "same")
         # Module name.
         name: str | None = None
-
-        def __post_init__(self) -> None:
-            _post_init_nd(self, 3)
 
         def make(self) -> MinPooling3D:
             return MinPooling3D(self, name=self.name)
@@ -517,24 +485,11 @@ class MaxPooling3D(_Pooling3D):
     _kind: ClassVar[str] = "max"
 
     @dataclasses.dataclass(frozen=True)
-    class Config(types.SequenceLayerConfig):
+    class Config(_Pooling3DFields):
         """Config for MaxPooling3D."""
 
-        # Window along (time, height, width); an int applies to every axis.
-        pool_size: int | tuple[int, ...]
-        # Strides along (time, height, width); the time stride is the step block size.
-        strides: int | tuple[int, ...] = 1
-        # Dilation along (time, height, width).
-        dilation_rate: int | tuple[int, ...] = 1
-        # Time padding mode (types.PaddingMode).
-        time_padding: str = "valid"
-        # (height, width) paddings: each a padding mode or explicit (left, right).
-        spatial_padding: tuple[str | tuple[int, int], str | tuple[int, int]] = ("same", "same")
         # Module name.
         name: str | None = None
-
-        def __post_init__(self) -> None:
-            _post_init_nd(self, 3)
 
         def make(self) -> MaxPooling3D:
             return MaxPooling3D(self, name=self.name)
@@ -548,26 +503,13 @@ class AveragePooling3D(_Pooling3D):
     _kind: ClassVar[str] = "average"
 
     @dataclasses.dataclass(frozen=True)
-    class Config(types.SequenceLayerConfig):
+    class Config(_Pooling3DFields):
         """Config for AveragePooling3D."""
 
-        # Window along (time, height, width); an int applies to every axis.
-        pool_size: int | tuple[int, ...]
-        # Strides along (time, height, width); the time stride is the step block size.
-        strides: int | tuple[int, ...] = 1
-        # Dilation along (time, height, width).
-        dilation_rate: int | tuple[int, ...] = 1
-        # Time padding mode (types.PaddingMode).
-        time_padding: str = "valid"
-        # (height, width) paddings: each a padding mode or explicit (left, right).
-        spatial_padding: tuple[str | tuple[int, int], str | tuple[int, int]] = ("same", "same")
         # Divide by the number of valid frames in the window, not the pool size.
         masked_average: bool = False
         # Module name.
         name: str | None = None
-
-        def __post_init__(self) -> None:
-            _post_init_nd(self, 3)
 
         def make(self) -> AveragePooling3D:
             return AveragePooling3D(self, name=self.name)

@@ -111,6 +111,14 @@ def _check_units(units: int, name: str) -> None:
 # Gated RNNs ---------------------------------------------------------------
 
 
+def _post_init_gated(cfg: Any, name: str) -> None:
+    """Config checks shared by LSTM, GRU and RNN (their fields differ only in
+    activations, so each keeps its own Config)."""
+    _check_units(cfg.units, name)
+    for f in ("kernel_sharding", "recurrent_kernel_sharding", "bias_sharding"):
+        object.__setattr__(cfg, f, _as_sharding(getattr(cfg, f)))
+
+
 class _GatedRNN(types.SequenceLayer):
     """Shared machinery of LSTM, GRU and RNN: parameters, dtypes, the scan.
 
@@ -280,9 +288,7 @@ class LSTM(_GatedRNN):
         name: str | None = None
 
         def __post_init__(self) -> None:
-            _check_units(self.units, "LSTM")
-            for f in ("kernel_sharding", "recurrent_kernel_sharding", "bias_sharding"):
-                object.__setattr__(self, f, _as_sharding(getattr(self, f)))
+            _post_init_gated(self, "LSTM")
 
         def make(self) -> LSTM:
             return LSTM(self, name=self.name)
@@ -314,7 +320,22 @@ class LSTM(_GatedRNN):
         return self._zeros(batch_size, input_spec), self._zeros(batch_size, input_spec)
 
 
-class GRU(_GatedRNN):
+class _SingleStateRNN(_GatedRNN):
+    """GRU and RNN: the state is just `h`."""
+
+    def get_initial_state(
+        self,
+        batch_size: int,
+        input_spec: ChannelSpec,
+        *,
+        training: bool,
+        constants: types.Constants | None = None,
+    ) -> tuple[jax.Array]:
+        """`(h,)`, zeros `[b, 1, units]`."""
+        return (self._zeros(batch_size, input_spec),)
+
+
+class GRU(_SingleStateRNN):
     """Gated recurrent unit (the "reset after" form of Keras, PyTorch and
     flax): `[b, t, d] -> [b, t, units]`.
 
@@ -361,9 +382,7 @@ class GRU(_GatedRNN):
         name: str | None = None
 
         def __post_init__(self) -> None:
-            _check_units(self.units, "GRU")
-            for f in ("kernel_sharding", "recurrent_kernel_sharding", "bias_sharding"):
-                object.__setattr__(self, f, _as_sharding(getattr(self, f)))
+            _post_init_gated(self, "GRU")
 
         def make(self) -> GRU:
             return GRU(self, name=self.name)
@@ -392,19 +411,8 @@ class GRU(_GatedRNN):
         h = (z * h_prev + (1 - z) * n).astype(h_prev.dtype)
         return h, (h,)
 
-    def get_initial_state(
-        self,
-        batch_size: int,
-        input_spec: ChannelSpec,
-        *,
-        training: bool,
-        constants: types.Constants | None = None,
-    ) -> tuple[jax.Array]:
-        """`(h,)`, zeros `[b, 1, units]`."""
-        return (self._zeros(batch_size, input_spec),)
 
-
-class RNN(_GatedRNN):
+class RNN(_SingleStateRNN):
     """A plain (Elman) recurrent layer: `h = activation(x W + b + h_prev U)`,
     `[b, t, d] -> [b, t, units]`.
 
@@ -442,9 +450,7 @@ class RNN(_GatedRNN):
         name: str | None = None
 
         def __post_init__(self) -> None:
-            _check_units(self.units, "RNN")
-            for f in ("kernel_sharding", "recurrent_kernel_sharding", "bias_sharding"):
-                object.__setattr__(self, f, _as_sharding(getattr(self, f)))
+            _post_init_gated(self, "RNN")
 
         def make(self) -> RNN:
             return RNN(self, name=self.name)
@@ -459,17 +465,6 @@ class RNN(_GatedRNN):
         (h_prev,) = state
         h = self.config.activation(xw + self._recurrent(params, h_prev)).astype(h_prev.dtype)
         return h, (h,)
-
-    def get_initial_state(
-        self,
-        batch_size: int,
-        input_spec: ChannelSpec,
-        *,
-        training: bool,
-        constants: types.Constants | None = None,
-    ) -> tuple[jax.Array]:
-        """`(h,)`, zeros `[b, 1, units]`."""
-        return (self._zeros(batch_size, input_spec),)
 
 
 # RG-LRU -------------------------------------------------------------------

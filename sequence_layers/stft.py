@@ -53,7 +53,36 @@ def _apply_window(x: Sequence, window_fn: Callable[..., Any] | None, length: int
     return x.apply_values_masked(lambda v: v * window)
 
 
-class STFT(types.SequenceLayer):
+class _TimingFromInner(types.SequenceLayer):
+    """STFT and InverseSTFT step exactly when their inner Frame / OverlapAdd
+    does, so they take its step support, block size, ratio and latencies."""
+
+    @property
+    def _timing_layer(self) -> types.SequenceLayer:
+        raise NotImplementedError
+
+    @property
+    def supports_step(self) -> bool:
+        return self._timing_layer.supports_step
+
+    @property
+    def block_size(self) -> int:
+        return self._timing_layer.block_size
+
+    @property
+    def output_ratio(self) -> Fraction:
+        return self._timing_layer.output_ratio
+
+    @property
+    def input_latency(self) -> int:
+        return self._timing_layer.input_latency
+
+    @property
+    def output_latency(self) -> int:
+        return self._timing_layer.output_latency
+
+
+class STFT(_TimingFromInner):
     """Short-time Fourier transform: `[b, t, ...]` ->
     `[b, t / frame_step, fft_length // 2 + 1, ...]` (complex, or real with
     `output_magnitude`), each trailing channel transformed independently.
@@ -107,25 +136,8 @@ class STFT(types.SequenceLayer):
     def _frame(self) -> Frame:
         return types.detached(self.config.frame_config())  # type: ignore[return-value]
 
-    @property
-    def supports_step(self) -> bool:
-        return self._frame.supports_step
-
-    @property
-    def block_size(self) -> int:
-        return self._frame.block_size
-
-    @property
-    def output_ratio(self) -> Fraction:
-        return self._frame.output_ratio
-
-    @property
-    def input_latency(self) -> int:
-        return self._frame.input_latency
-
-    @property
-    def output_latency(self) -> int:
-        return self._frame.output_latency
+    # The framing sets the time structure (see _TimingFromInner).
+    _timing_layer = _frame
 
     @property
     def receptive_field_per_step(self) -> dict[int, ReceptiveField]:
@@ -189,7 +201,7 @@ class STFT(types.SequenceLayer):
         return self._spectrum(framed, training)
 
 
-class InverseSTFT(types.SequenceLayer):
+class InverseSTFT(_TimingFromInner):
     """Inverse STFT: `[b, t, fft_length // 2 + 1, ...]` (complex) ->
     `[b, t * frame_step, ...]` (real).
 
@@ -241,25 +253,8 @@ class InverseSTFT(types.SequenceLayer):
     def _overlap_add(self) -> OverlapAdd:
         return types.detached(self.config.overlap_add_config())  # type: ignore[return-value]
 
-    @property
-    def supports_step(self) -> bool:
-        return self._overlap_add.supports_step
-
-    @property
-    def block_size(self) -> int:
-        return self._overlap_add.block_size
-
-    @property
-    def output_ratio(self) -> Fraction:
-        return self._overlap_add.output_ratio
-
-    @property
-    def input_latency(self) -> int:
-        return self._overlap_add.input_latency
-
-    @property
-    def output_latency(self) -> int:
-        return self._overlap_add.output_latency
+    # The overlap-add sets the time structure (see _TimingFromInner).
+    _timing_layer = _overlap_add
 
     @property
     def receptive_field_per_step(self) -> dict[int, ReceptiveField]:
@@ -267,12 +262,7 @@ class InverseSTFT(types.SequenceLayer):
         # Frame samples outside the IRFFT output (zero padding) or under a zero
         # window weight contribute nothing.
         reaches = _window_array(cfg.window_fn, cfg.frame_length) != 0
-        if cfg.fft_length < cfg.frame_length:
-            excess = cfg.frame_length - cfg.fft_length
-            left = excess // 2 if cfg.fft_padding == "center" else 0
-            inside = np.zeros(cfg.frame_length, bool)
-            inside[left : left + cfg.fft_length] = True
-            reaches &= inside
+        reaches &= _fft_position_mask(cfg.frame_length, cfg.fft_length, cfg.fft_padding)
         offset = cfg.frame_length - cfg.frame_step if cfg.time_padding == "semicausal_full" else 0
         return overlap_add_receptive_field(cfg.frame_length, cfg.frame_step, offset, reaches)
 

@@ -280,21 +280,15 @@ class Scheduler:
         benchmarks, which compare it with the bare step."""
         compiled = self._compiled[slot_ids.shape[0]]
         self.state, y, y_mask = compiled(self.model.variables, self.state, slot_ids, reset, x, mask)
+        # Every device's state shard must be written before the next tick
+        # reuses the slots (the outputs alone can be ready earlier).
+        jax.block_until_ready(self.state)
         return np.asarray(y), np.asarray(y_mask)
 
     # The tick loop -----------------------------------------------------------
 
     def _run(self) -> None:
         spec = self.model.input_spec
-        buffers = {
-            b: (
-                np.zeros((b, self.chunk_frames, *spec.shape), spec.dtype),
-                np.zeros((b, self.chunk_frames), np.bool_),
-                np.zeros((b,), np.int32),
-                np.zeros((b,), np.bool_),
-            )
-            for b in self.buckets
-        }
         while True:
             with self._cond:
                 batch = self._wait_for_batch()
@@ -304,14 +298,19 @@ class Scheduler:
                 host_start = time.perf_counter()
                 waits = [tick_start - (s.ready_since or tick_start) for s in batch]
                 bucket = next(b for b in self.buckets if b >= len(batch))
-                x, mask, slots, reset = buffers[bucket]
+                # Fresh host arrays every tick: on CPU, JAX may read numpy
+                # inputs in place, and with slots sharded over several devices
+                # some may still be reading them when this tick's outputs are
+                # back. Reusing one buffer corrupted streams under load.
+                x = np.zeros((bucket, self.chunk_frames, *spec.shape), spec.dtype)
+                mask = np.zeros((bucket, self.chunk_frames), np.bool_)
+                slots = np.empty((bucket,), np.int32)
+                reset = np.empty((bucket,), np.bool_)
                 for i, session in enumerate(batch):
                     session._pop_chunk(x[i], mask[i])
                     slots[i] = session.slot
                     reset[i] = session.reset_pending
                     session.reset_pending = False
-                x[len(batch) :] = 0
-                mask[len(batch) :] = False
                 slots[len(batch) :] = self.scratch_slot
                 reset[len(batch) :] = True
             start = time.perf_counter()

@@ -19,7 +19,6 @@ from sequence_layers.types import (
     Emitting,
     ReceptiveField,
     SequenceLayerConfig,
-    ShapeLike,
     State,
     check_layer_with_emits,
     check_step_with_emits,
@@ -27,7 +26,7 @@ from sequence_layers.types import (
 )
 
 
-class BlockwiseDotProductSelfAttention(Emitting):
+class BlockwiseDotProductSelfAttention(common.HeadsOutput, Emitting):
     """Self attention over blocks of `block_size` frames.
 
     `[b, t, d] -> [b, t, num_heads, units_per_head]`. Frame positions p are
@@ -196,22 +195,6 @@ class BlockwiseDotProductSelfAttention(Emitting):
             end = math.inf if future < 0 else future * n + n - 1 - i
             fields[i] = (start, end)
         return fields
-
-    @nn.nowrap
-    def get_output_shape(
-        self, input_shape: ShapeLike, *, constants: Constants | None = None
-    ) -> tuple[int, ...]:
-        if len(input_shape) != 1:
-            raise ValueError(
-                f"{type(self).__name__} needs inputs [b, t, d], got channel shape "
-                f"{tuple(input_shape)}."
-            )
-        return (self.config.num_heads, self.config.units_per_head)
-
-    @nn.nowrap
-    def get_output_dtype(self, input_dtype: Any) -> Any:
-        cfg = self.config
-        return common.promoted_dtype(input_dtype, cfg.param_dtype, compute_dtype=cfg.compute_dtype)
 
     @property
     def _window(self) -> int:

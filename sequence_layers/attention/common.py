@@ -394,6 +394,32 @@ class RelativePositionEmbedding(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not compute logits.")
 
 
+class HeadsOutput(SequenceLayer):
+    """Output shape and dtype shared by the dot-product attention layers:
+    `[b, t, d]` inputs give `[b, t, num_heads, units_per_head]` in the dtype
+    the input, `param_dtype` and `compute_dtype` promote to."""
+
+    # Appended to the input-rank error (a layer may suggest a fix). Left
+    # unannotated so Flax treats it as a class constant, not a module field.
+    _input_shape_hint = ""
+
+    @nn.nowrap
+    def get_output_shape(
+        self, input_shape: Any, *, constants: Constants | None = None
+    ) -> tuple[int, ...]:
+        if len(input_shape) != 1:
+            raise ValueError(
+                f"{type(self).__name__} needs inputs [b, t, d], got channel shape "
+                f"{tuple(input_shape)}.{self._input_shape_hint}"
+            )
+        return (self.config.num_heads, self.config.units_per_head)
+
+    @nn.nowrap
+    def get_output_dtype(self, input_dtype: Any) -> Any:
+        cfg = self.config
+        return promoted_dtype(input_dtype, cfg.param_dtype, compute_dtype=cfg.compute_dtype)
+
+
 # Validation and helpers --------------------------------------------------------
 
 

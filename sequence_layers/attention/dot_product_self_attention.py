@@ -19,7 +19,6 @@ from sequence_layers.types import (
     Emitting,
     ReceptiveField,
     SequenceLayerConfig,
-    ShapeLike,
     State,
     check_layer_with_emits,
     check_step_with_emits,
@@ -27,7 +26,7 @@ from sequence_layers.types import (
 )
 
 
-class KVCacheSelfAttention(Emitting):
+class KVCacheSelfAttention(common.HeadsOutput, Emitting):
     """Shared base of `DotProductSelfAttention` and `LocalDotProductSelfAttention`:
     configuration checks, projections, the KV-cache state and `step`.
 
@@ -47,6 +46,8 @@ class KVCacheSelfAttention(Emitting):
     config: Any
     # Cross-attention subclasses project queries and keys from different inputs.
     _allow_combined_qkv = True
+    # Self-attention users often pass [b, t, h, d] features; say how to fix it.
+    _input_shape_hint = " Flatten or Reshape first."
 
     # Setup ---------------------------------------------------------------------
 
@@ -141,22 +142,6 @@ class KVCacheSelfAttention(Emitting):
         start = -math.inf if cfg.max_past_horizon < 0 else -cfg.max_past_horizon
         end = math.inf if cfg.max_future_horizon < 0 else cfg.max_future_horizon
         return {0: (start, end)}
-
-    @nn.nowrap
-    def get_output_shape(
-        self, input_shape: ShapeLike, *, constants: Constants | None = None
-    ) -> tuple[int, ...]:
-        if len(input_shape) != 1:
-            raise ValueError(
-                f"{type(self).__name__} needs inputs [b, t, d], got channel shape "
-                f"{tuple(input_shape)}. Flatten or Reshape first."
-            )
-        return (self.config.num_heads, self.config.units_per_head)
-
-    @nn.nowrap
-    def get_output_dtype(self, input_dtype: Any) -> Any:
-        cfg = self.config
-        return common.promoted_dtype(input_dtype, cfg.param_dtype, compute_dtype=cfg.compute_dtype)
 
     @property
     def _query_delay(self) -> int:

@@ -18,7 +18,6 @@ from sequence_layers.types import (
     Emitting,
     ReceptiveField,
     SequenceLayerConfig,
-    ShapeLike,
     State,
     check_layer_with_emits,
     check_step_with_emits,
@@ -37,7 +36,7 @@ def _as_names(names: Any, count: int, what: str) -> tuple[str | None, ...]:
     return names
 
 
-class MultiSourceDotProductAttention(Emitting):
+class MultiSourceDotProductAttention(common.HeadsOutput, Emitting):
     """Cross attention from the input to several sources at once.
 
     `x [b, t, d]` and sources `constants[name] [b, s_i, d_src]` (equal channel
@@ -161,22 +160,6 @@ class MultiSourceDotProductAttention(Emitting):
         if self.config.query_network is not None:
             return detached(self.config.query_network).receptive_field_per_step
         return {0: (0, 0)}
-
-    @nn.nowrap
-    def get_output_shape(
-        self, input_shape: ShapeLike, *, constants: Constants | None = None
-    ) -> tuple[int, ...]:
-        if len(input_shape) != 1:
-            raise ValueError(
-                f"{type(self).__name__} needs inputs [b, t, d], got channel shape "
-                f"{tuple(input_shape)}."
-            )
-        return (self.config.num_heads, self.config.units_per_head)
-
-    @nn.nowrap
-    def get_output_dtype(self, input_dtype: Any) -> Any:
-        cfg = self.config
-        return common.promoted_dtype(input_dtype, cfg.param_dtype, compute_dtype=cfg.compute_dtype)
 
     def _project_sources(self, training: bool, constants: Constants | None) -> dict[str, Any]:
         name = type(self).__name__
