@@ -1,7 +1,7 @@
 """The `Scheduler`: one model's streams, stepped together on the device.
 
-- `state`: the model's state pytree for `max_streams` slots (+1 scratch slot
-  that pads buckets), the slot axis in place of each leaf's batch axis,
+- `state`: the model's state pytree for `max_streams` slots (rounded up to a
+  multiple of the device count), the slot axis in place of each leaf's batch axis,
   resident on device and donated to every tick so it updates in place.
 - One jit-compiled tick per power-of-two bucket, compiled before `start()`
   returns: gather the slots' state, reset new streams to the initial state,
@@ -109,6 +109,8 @@ class Scheduler:
         self._stats_sink = stats_sink or (lambda _: None)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Set while a tick's outputs are routed: event loop -> [(queue, item)].
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] | None = None
         self.draining = False
         self.ready = False
         self.ticks = 0
@@ -207,9 +209,12 @@ class Scheduler:
             devices = [parse_device(self.config.device)]
             self.model.variables = jax.device_put(self.model.variables, devices[0])
         n_dev = len(devices) if self.config.shard else 1
-        # +1 scratch slot that pads buckets; rows divisible by the device count.
-        self.rows = round_up(self.config.max_streams + 1, n_dev)
-        self.scratch_slot = self.config.max_streams
+        # Rows divisible by the device count. Buckets are padded with an
+        # out-of-range slot id: its gather fills zeros and its scatter is
+        # dropped, so no scratch row is needed and a full tick (every slot)
+        # steps the donated state as is, without copying rows out and back.
+        self.rows = round_up(self.config.max_streams, n_dev)
+        self.padding_slot = self.rows
         self._init_one = jax.tree.map(jnp.asarray, init(1))
         self._state_sharding: Any = None
         if n_dev == 1 and self.config.device:
@@ -230,34 +235,71 @@ class Scheduler:
         )
         self.state = make()
 
-    def _tick_fn(self) -> Callable[..., Any]:
+    def _tick_fns(self) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+        """(partial tick, full tick, reset one slot), all pure functions of
+        the state so jit can donate it and update in place."""
         layer, axes, init_one = self.layer, self._batch_axes, self._init_one
+        n = self.config.max_streams
 
-        def tick(variables, state, slot_ids, reset, x, mask):  # type: ignore[no-untyped-def]
-            bucket = slot_ids.shape[0]
-            gathered = jax.tree.map(lambda a, ax: jnp.take(a, slot_ids, axis=ax), state, axes)
-            fresh = jax.tree.map(lambda a, ax: jnp.repeat(a, bucket, axis=ax), init_one, axes)
-            current = jax.tree.map(
-                lambda f, g, ax: jnp.where(_along(reset, ax, g.ndim), f, g), fresh, gathered, axes
-            )
+        def step(variables, state, x, mask):  # type: ignore[no-untyped-def]
             y, new = layer.apply(
-                variables, sl.Sequence(x, mask), current, training=False, method=layer.step
+                variables, sl.Sequence(x, mask), state, training=False, method=layer.step
             )
-            state = jax.tree.map(
-                lambda a, n, ax: a.at[(slice(None),) * ax + (slot_ids,)].set(n), state, new, axes
-            )
-            return state, y.values.astype(jnp.float32), y.mask
+            return new, y.values.astype(jnp.float32), y.mask
 
-        return tick
+        def partial_tick(variables, state, slot_ids, x, mask):  # type: ignore[no-untyped-def]
+            # Some slots: gather their rows, step, scatter back. Rows not in
+            # the tick are not stepped at all (their buffers must not move).
+            gathered = jax.tree.map(
+                lambda a, ax: jnp.take(a, slot_ids, axis=ax, mode="fill", fill_value=0),
+                state,
+                axes,
+            )
+            new, y, y_mask = step(variables, gathered, x, mask)
+            state = jax.tree.map(
+                lambda a, n, ax: a.at[(slice(None),) * ax + (slot_ids,)].set(n, mode="drop"),
+                state,
+                new,
+                axes,
+            )
+            return state, y, y_mask
+
+        def full_tick(variables, state, x, mask):  # type: ignore[no-untyped-def]
+            # Every slot, in slot order (full occupancy): no gather or scatter.
+            # With rows == max_streams (one device, or a multiple of the
+            # device count) this is the bare step on the donated state.
+            if self.rows == n:
+                return step(variables, state, x, mask)
+            rows = jax.tree.map(lambda a, ax: jax.lax.slice_in_dim(a, 0, n, axis=ax), state, axes)
+            new, y, y_mask = step(variables, rows, x, mask)
+            state = jax.tree.map(
+                lambda a, r, ax: jax.lax.dynamic_update_slice_in_dim(a, r, 0, axis=ax),
+                state,
+                new,
+                axes,
+            )
+            return state, y, y_mask
+
+        def reset_slot(state, slot):  # type: ignore[no-untyped-def]
+            # A new stream starts from the initial state: one in-place row
+            # write per stream, rather than a select in every tick.
+            return jax.tree.map(
+                lambda a, i, ax: jax.lax.dynamic_update_slice_in_dim(a, i, slot, axis=ax),
+                state,
+                init_one,
+                axes,
+            )
+
+        return partial_tick, full_tick, reset_slot
 
     def _compile(self) -> None:
         spec = self.model.input_spec
-        fn = jax.jit(
-            self._tick_fn(),
-            donate_argnums=(1,),
-            out_shardings=(self._state_sharding, None, None) if self._state_sharding else None,
-        )
+        out = (self._state_sharding, None, None) if self._state_sharding else None
+        partial_tick, full_tick, reset_slot = self._tick_fns()
+        x_spec = lambda b: jax.ShapeDtypeStruct((b, self.chunk_frames, *spec.shape), spec.dtype)
+        mask_spec = lambda b: jax.ShapeDtypeStruct((b, self.chunk_frames), jnp.bool_)
         self._compiled: dict[int, Any] = {}
+        partial = jax.jit(partial_tick, donate_argnums=(1,), out_shardings=out)
         for bucket in self.buckets:
             if self._stopping:  # a signal during start-up: stop compiling
                 return
@@ -266,20 +308,42 @@ class Scheduler:
                 self.model.variables,
                 self.state,
                 jax.ShapeDtypeStruct((bucket,), jnp.int32),
-                jax.ShapeDtypeStruct((bucket,), jnp.bool_),
-                jax.ShapeDtypeStruct((bucket, self.chunk_frames, *spec.shape), spec.dtype),
-                jax.ShapeDtypeStruct((bucket, self.chunk_frames), jnp.bool_),
+                x_spec(bucket),
+                mask_spec(bucket),
             )
-            self._compiled[bucket] = fn.lower(*args).compile()
+            self._compiled[bucket] = partial.lower(*args).compile()
             self.compile_seconds[bucket] = time.perf_counter() - start
+        start = time.perf_counter()
+        n = self.config.max_streams
+        full = jax.jit(full_tick, donate_argnums=(1,), out_shardings=out)
+        self._full = full.lower(self.model.variables, self.state, x_spec(n), mask_spec(n)).compile()
+        self._reset = (
+            jax.jit(
+                reset_slot,
+                donate_argnums=(0,),
+                out_shardings=self._state_sharding,
+            )
+            .lower(self.state, jax.ShapeDtypeStruct((), jnp.int32))
+            .compile()
+        )
+        self.compile_seconds["full"] = time.perf_counter() - start
+
+    def reset_slots(self, slots: list[int]) -> None:
+        """Puts new streams' slots back to the initial state (tick thread only)."""
+        for slot in slots:
+            self.state = self._reset(self.state, np.int32(slot))
 
     def run_tick(
-        self, slot_ids: np.ndarray, reset: np.ndarray, x: np.ndarray, mask: np.ndarray
+        self, slot_ids: np.ndarray, x: np.ndarray, mask: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One device call for a full bucket; returns host outputs. Public for
-        benchmarks, which compare it with the bare step."""
-        compiled = self._compiled[slot_ids.shape[0]]
-        self.state, y, y_mask = compiled(self.model.variables, self.state, slot_ids, reset, x, mask)
+        """One device call; returns host outputs. `slot_ids` are sorted and
+        padded to a bucket with an out-of-range slot. Public for benchmarks."""
+        n = self.config.max_streams
+        if len(slot_ids) == n and slot_ids[0] == 0 and slot_ids[-1] == n - 1:
+            self.state, y, y_mask = self._full(self.model.variables, self.state, x, mask)
+        else:
+            compiled = self._compiled[slot_ids.shape[0]]
+            self.state, y, y_mask = compiled(self.model.variables, self.state, slot_ids, x, mask)
         # Every device's state shard must be written before the next tick
         # reuses the slots (the outputs alone can be ready earlier).
         jax.block_until_ready(self.state)
@@ -297,25 +361,28 @@ class Scheduler:
                 tick_start = time.monotonic()
                 host_start = time.perf_counter()
                 waits = [tick_start - (s.ready_since or tick_start) for s in batch]
-                bucket = next(b for b in self.buckets if b >= len(batch))
+                # Slot order lets a full-occupancy tick step rows in place.
+                batch.sort(key=lambda s: s.slot)
+                full = len(batch) == self.config.max_streams
+                bucket = len(batch) if full else next(b for b in self.buckets if b >= len(batch))
                 # Fresh host arrays every tick: on CPU, JAX may read numpy
                 # inputs in place, and with slots sharded over several devices
                 # some may still be reading them when this tick's outputs are
                 # back. Reusing one buffer corrupted streams under load.
                 x = np.zeros((bucket, self.chunk_frames, *spec.shape), spec.dtype)
                 mask = np.zeros((bucket, self.chunk_frames), np.bool_)
-                slots = np.empty((bucket,), np.int32)
-                reset = np.empty((bucket,), np.bool_)
+                slots = np.full((bucket,), self.padding_slot, np.int32)
+                new_streams = []
                 for i, session in enumerate(batch):
                     session._pop_chunk(x[i], mask[i])
                     slots[i] = session.slot
-                    reset[i] = session.reset_pending
-                    session.reset_pending = False
-                slots[len(batch) :] = self.scratch_slot
-                reset[len(batch) :] = True
+                    if session.reset_pending:
+                        new_streams.append(session.slot)
+                        session.reset_pending = False
             start = time.perf_counter()
             try:
-                y, y_mask = self.run_tick(slots, reset, x, mask)
+                self.reset_slots(new_streams)
+                y, y_mask = self.run_tick(slots, x, mask)
             except Exception as e:  # a device failure ends these streams, not the server
                 with self._cond:
                     for session in batch:
@@ -327,9 +394,17 @@ class Scheduler:
             end = time.perf_counter()
             device_seconds = end - start
             with self._cond:
+                # Collect every stream's outputs, then wake each event loop
+                # once: a thread-safe call per output costs a syscall each.
+                self._outbox = {}
                 delivered = sum(
                     session._deliver(y[i], y_mask[i]) for i, session in enumerate(batch)
                 )
+                outbox, self._outbox = self._outbox, None
+                # Still under the lock: anything a transport queues next (an
+                # `Ended` after `end()`) must follow these outputs.
+                for loop, items in outbox.items():
+                    loop.call_soon_threadsafe(_put_all, items)
                 self.ticks += 1
                 self._cond.notify_all()
             host_seconds = (time.perf_counter() - host_start) - device_seconds
@@ -338,6 +413,7 @@ class Scheduler:
                     self.model.name,
                     batch_size=len(batch),
                     bucket=bucket,
+                    started_at=tick_start,
                     tick_seconds=device_seconds,
                     host_seconds=host_seconds,
                     queue_wait_seconds=tuple(waits),
@@ -427,7 +503,6 @@ def _batch_axis(one: jax.ShapeDtypeStruct, two: jax.ShapeDtypeStruct) -> int:
     )
 
 
-def _along(flags: jax.Array, axis: int, ndim: int) -> jax.Array:
-    shape = [1] * ndim
-    shape[axis] = flags.shape[0]
-    return flags.reshape(shape)
+def _put_all(items: list[tuple[Any, Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

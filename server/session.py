@@ -279,7 +279,11 @@ class Session:
 
     def _put(self, item: Output | Ended | StreamError) -> None:
         self.backlog += 1
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        outbox = self.scheduler._outbox
+        if outbox is not None:  # inside a tick's delivery: one wake-up per loop later
+            outbox.setdefault(self._loop, []).append((self._queue, item))
+        else:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     def _finish_locked(self, final: Ended | StreamError | object, outcome: str) -> None:
         self.done = True

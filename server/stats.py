@@ -13,6 +13,8 @@ class TickStats:
     model: str
     batch_size: int
     bucket: int
+    # time.monotonic() when the tick started (its chunks were taken).
+    started_at: float
     # The device call, input transfer and output fetch included.
     tick_seconds: float
     # Host work of the tick outside the device call: batching chunks and
