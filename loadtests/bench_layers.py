@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +61,8 @@ def bench_one(
     config: sl.SequenceLayerConfig, channels: int, batch: int, block_blocks: int, frames: int
 ) -> dict[str, float]:
     model = config.make()
+    # At least 4 step blocks per run (the ASR encoder's block is 640 samples).
+    frames = max(frames, 4 * model.block_size * block_blocks)
     rng = np.random.default_rng(0)
     x = sl.Sequence.from_values(
         jnp.asarray(rng.normal(size=(batch, frames, channels)), jnp.float32)
@@ -111,6 +114,7 @@ def main() -> None:
         for batch in (1, 32):
             for blocks in (1, 8):
                 r = bench_one(config, channels, batch, blocks, args.frames)
+                sys.stdout.flush()
                 block = sl.utils.get_block_size(config) * blocks
                 results.append({"stack": name, "batch": batch, "block": block, **r})
                 print(
