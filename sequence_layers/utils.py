@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sequence_layers.sequence import MASK_DTYPE, Sequence
 from sequence_layers.types import (
@@ -405,7 +404,3 @@ def step_by_step_static(
 
 def as_padding_mode(padding: str | PaddingMode) -> str:
     return validate_padding(padding)
-
-
-def np_rng(seed: int = 123456789) -> np.random.Generator:
-    return np.random.default_rng(seed)

@@ -28,7 +28,7 @@ from server.errors import InvalidArgument, StreamError, Unauthenticated
 from server.runtime import Runtime
 from server.session import Ended, Output, Session
 from server.stats import ChunkStats, ErrorStats
-from server.wire import WIRE_DTYPES, decode_ws_frames, ws_close_code
+from server.wire import decode_ws_frames, ws_close_code
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "clients" / "web"
 
@@ -223,7 +223,3 @@ async def _read_ws(
         raise
     except Exception:
         session.cancel()
-
-
-def wire_dtypes() -> list[str]:
-    return sorted(WIRE_DTYPES)

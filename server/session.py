@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server.errors import InvalidArgument, ResourceExhausted, StreamError, Unavailable
+from server.errors import InvalidArgument, ResourceExhausted, StreamError
 from server.model import ModelInfo, prepare_input
 
 if TYPE_CHECKING:
@@ -293,7 +293,3 @@ class Session:
         self._buffered = 0
         self._put(final)  # type: ignore[arg-type]
         self.scheduler._release(self)
-
-
-def draining_error() -> Unavailable:
-    return Unavailable("the server is draining; reconnect to another replica.")
