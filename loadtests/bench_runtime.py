@@ -5,8 +5,11 @@ Figures (medians of --repeats runs, measured in the same process):
   every chunk ready) over frames/s of the bare jitted batch-N step.
 - batched/sequential: the same N streams stepped one at a time at batch 1
   (bare step, so the most favourable sequential baseline) over the Scheduler.
-- tick overhead: host time of a tick outside the device call (batching
-  chunks, routing outputs), p50 and p99.
+- tick overhead: steady-state tick wall time (interval between consecutive
+  full-occupancy ticks) minus the bare step's time, compared quantile by
+  quantile (p50 with p50, p99 with p99): the host time the device waits
+  for. Also the host work per tick (batching chunks, dispatch, routing
+  outputs), most of which overlaps the next tick's device work.
 
     .venv/bin/python -m loadtests.bench_runtime --model demo-asr --streams 32 --seconds 4
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import time
@@ -31,8 +35,8 @@ from server.session import Ended
 from server.stats import TickStats
 
 
-def bare_step_seconds(model: ServableModel, batch: int, chunk: int, steps: int) -> float:
-    """Seconds for `steps` jitted steps at `batch`, state donated (no slots)."""
+def bare_steps(model: ServableModel, batch: int, chunk: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` jitted steps at `batch`, state donated (no slots)."""
     layer, spec = model.layer, model.input_spec
     state = layer.apply(
         model.variables, batch, spec, training=False, method=layer.get_initial_state
@@ -47,12 +51,14 @@ def bare_step_seconds(model: ServableModel, batch: int, chunk: int, steps: int) 
     )
     y, state = step(model.variables, x, state)  # compile
     jax.block_until_ready(y)
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         y, state = step(model.variables, x, state)
         # The server fetches outputs every tick; so does the baseline.
         np.asarray(y.values)
-    return time.perf_counter() - start
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def scheduler_seconds(
@@ -114,25 +120,36 @@ def main() -> None:
         (rng.normal(size=(frames, *model.input_shape)) * 0.1).astype(np.float32) for _ in range(n)
     ]
 
-    server_s, steady_fps, raw_s, seq_s, overhead = [], [], [], [], []
+    server_s, steady_fps, raw_s, seq_s, host = [], [], [], [], []
+    intervals: list[float] = []
+    raw_steps: list[float] = []
+    # Warm-up (not measured): first executions of the compiled ticks
+    # allocate the runtime's buffers.
+    scheduler_seconds(scheduler, inputs, ticks)
+    look_ahead = scheduler.look_ahead_ticks
     for _ in range(args.repeats):
         server_s.append(scheduler_seconds(scheduler, inputs, ticks))
         full = [t for t in ticks if t.batch_size == n]
-        overhead.extend(t.host_seconds for t in full)
+        host.extend(t.host_seconds for t in full)
+        raw_steps.extend(raw := bare_steps(model, n, chunk, steps))
+        raw_s.append(sum(raw))
+        seq_s.append(n * sum(bare_steps(model, 1, chunk, steps)))
         # Steady state: full-occupancy ticks back to back (start-up ticks
         # and the latency flush at the end are left out).
         if len(full) >= 2:
             span = full[-1].started_at - full[0].started_at
             steady_fps.append((len(full) - 1) * n * chunk / span)
-        raw_s.append(bare_step_seconds(model, n, chunk, steps))
-        seq_s.append(n * bare_step_seconds(model, 1, chunk, steps))
+            intervals.extend(b.started_at - a.started_at for a, b in itertools.pairwise(full))
+    look_ahead = scheduler.look_ahead_ticks - look_ahead
     scheduler.stop()
 
     total = n * frames
     server_fps = statistics.median(steady_fps)
     wall_fps = total / statistics.median(server_s)
     raw_fps = total / statistics.median(raw_s)
-    overhead_ms = np.array(overhead) * 1000 if overhead else np.zeros(1)
+    host_ms = np.array(host or [0.0]) * 1000
+    tick_ms, raw_ms = np.array(intervals or [0.0]) * 1000, np.array(raw_steps) * 1000
+    overhead = lambda q: round(float(np.percentile(tick_ms, q) - np.percentile(raw_ms, q)), 3)
     result = {
         "model": args.model,
         "backend": jax.default_backend(),
@@ -145,8 +162,16 @@ def main() -> None:
         "raw_frames_per_s": round(raw_fps),
         "server_over_raw": round(server_fps / raw_fps, 3),
         "batched_over_sequential": round(statistics.median(seq_s) / statistics.median(server_s), 2),
-        "tick_overhead_ms_p50": round(float(np.percentile(overhead_ms, 50)), 3),
-        "tick_overhead_ms_p99": round(float(np.percentile(overhead_ms, 99)), 3),
+        "raw_step_ms_p50": round(float(np.percentile(raw_ms, 50)), 2),
+        "raw_step_ms_p99": round(float(np.percentile(raw_ms, 99)), 2),
+        "tick_ms_p50": round(float(np.percentile(tick_ms, 50)), 2),
+        "tick_ms_p99": round(float(np.percentile(tick_ms, 99)), 2),
+        "tick_overhead_ms_p50": overhead(50),
+        "tick_overhead_ms_p99": overhead(99),
+        "host_work_per_tick_ms_p50": round(float(np.percentile(host_ms, 50)), 3),
+        "host_work_per_tick_ms_p99": round(float(np.percentile(host_ms, 99)), 3),
+        "look_ahead_ticks": look_ahead,
+        "ticks": len(ticks),
         "realtime_factor": round(server_fps / rate / n, 2) if model.sample_rate else None,
         "compile_seconds": {str(k): round(v, 2) for k, v in scheduler.compile_seconds.items()},
     }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import itertools
 import threading
 import time
@@ -114,6 +115,9 @@ class Scheduler:
         self.draining = False
         self.ready = False
         self.ticks = 0
+        # Ticks dispatched while the one before was still on the device.
+        self.look_ahead_ticks = 0
+        self._last_ready = 0.0
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -123,6 +127,11 @@ class Scheduler:
         self._compile()
         if self._stopping:  # stopped while compiling: never start ticking
             return
+        # What exists now (JAX, Flax, the compiled programs: hundreds of
+        # thousands of objects) lives as long as the process. Freezing it
+        # keeps the collector's full passes from walking it: unfrozen, they
+        # stalled ticks for 50 ms.
+        gc.freeze()
         self._thread = threading.Thread(
             target=self._run, name=f"tick-{self.model.name}", daemon=True
         )
@@ -333,97 +342,145 @@ class Scheduler:
         for slot in slots:
             self.state = self._reset(self.state, np.int32(slot))
 
-    def run_tick(
-        self, slot_ids: np.ndarray, x: np.ndarray, mask: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One device call; returns host outputs. `slot_ids` are sorted and
-        padded to a bucket with an out-of-range slot. Public for benchmarks."""
+    def dispatch_tick(self, slot_ids: np.ndarray, x: np.ndarray, mask: np.ndarray) -> Any:
+        """Starts one device call and returns its (not yet ready) outputs.
+        `slot_ids` are sorted and padded to a bucket with an out-of-range
+        slot. The new state is chained on the device, so a later tick may be
+        dispatched before this one's outputs are fetched."""
         n = self.config.max_streams
         if len(slot_ids) == n and slot_ids[0] == 0 and slot_ids[-1] == n - 1:
             self.state, y, y_mask = self._full(self.model.variables, self.state, x, mask)
         else:
             compiled = self._compiled[slot_ids.shape[0]]
             self.state, y, y_mask = compiled(self.model.variables, self.state, slot_ids, x, mask)
-        # Every device's state shard must be written before the next tick
-        # reuses the slots (the outputs alone can be ready earlier).
-        jax.block_until_ready(self.state)
+        return y, y_mask
+
+    def run_tick(
+        self, slot_ids: np.ndarray, x: np.ndarray, mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One device call, waited for; returns host outputs. For benchmarks."""
+        y, y_mask = self.dispatch_tick(slot_ids, x, mask)
         return np.asarray(y), np.asarray(y_mask)
 
     # The tick loop -----------------------------------------------------------
 
     def _run(self) -> None:
-        spec = self.model.input_spec
+        """Stage, dispatch, deliver, with one tick of look-ahead: while tick N
+        runs on the device, the host stages and dispatches N+1 (if its chunks
+        are already there) and only then fetches and routes N's outputs. So
+        a backlog keeps the device busy while the host does its part."""
+        pending: _Tick | None = None
         while True:
+            tick = None
             with self._cond:
-                batch = self._wait_for_batch()
-                if batch is None:
+                batch = self._wait_for_batch(look_ahead=pending is not None)
+                if batch is None and pending is None:
                     return
-                tick_start = time.monotonic()
-                host_start = time.perf_counter()
-                waits = [tick_start - (s.ready_since or tick_start) for s in batch]
-                # Slot order lets a full-occupancy tick step rows in place.
-                batch.sort(key=lambda s: s.slot)
-                full = len(batch) == self.config.max_streams
-                bucket = len(batch) if full else next(b for b in self.buckets if b >= len(batch))
-                # Fresh host arrays every tick: on CPU, JAX may read numpy
-                # inputs in place, and with slots sharded over several devices
-                # some may still be reading them when this tick's outputs are
-                # back. Reusing one buffer corrupted streams under load.
-                x = np.zeros((bucket, self.chunk_frames, *spec.shape), spec.dtype)
-                mask = np.zeros((bucket, self.chunk_frames), np.bool_)
-                slots = np.full((bucket,), self.padding_slot, np.int32)
-                new_streams = []
-                for i, session in enumerate(batch):
-                    session._pop_chunk(x[i], mask[i])
-                    slots[i] = session.slot
-                    if session.reset_pending:
-                        new_streams.append(session.slot)
-                        session.reset_pending = False
-            start = time.perf_counter()
-            try:
-                self.reset_slots(new_streams)
-                y, y_mask = self.run_tick(slots, x, mask)
-            except Exception as e:  # a device failure ends these streams, not the server
-                with self._cond:
-                    for session in batch:
-                        session.in_flight = False
+                if batch:
+                    tick = self._stage(batch)
+                    self.look_ahead_ticks += pending is not None
+            if tick is not None:
+                self._dispatch(tick)
+            if pending is not None:
+                self._complete(pending)
+            pending = tick
+
+    def _stage(self, batch: list[Session]) -> _Tick:
+        """Takes one chunk from each stream (under the lock) into fresh arrays."""
+        spec = self.model.input_spec
+        started_at = time.monotonic()
+        host_start = time.perf_counter()
+        waits = tuple(started_at - (s.ready_since or started_at) for s in batch)
+        # Slot order lets a full-occupancy tick step rows in place.
+        batch.sort(key=lambda s: s.slot)
+        full = len(batch) == self.config.max_streams
+        bucket = len(batch) if full else next(b for b in self.buckets if b >= len(batch))
+        # Fresh host arrays every tick: on CPU, JAX may read numpy inputs in
+        # place while the tick runs, and with look-ahead and sharded slots
+        # several ticks can be reading at once.
+        x = np.zeros((bucket, self.chunk_frames, *spec.shape), spec.dtype)
+        mask = np.zeros((bucket, self.chunk_frames), np.bool_)
+        slots = np.full((bucket,), self.padding_slot, np.int32)
+        new_streams = []
+        for i, session in enumerate(batch):
+            session._pop_chunk(x[i], mask[i])
+            slots[i] = session.slot
+            if session.reset_pending:
+                new_streams.append(session.slot)
+                session.reset_pending = False
+        tick = _Tick(batch, bucket, slots, x, mask, new_streams, started_at, waits)
+        tick.host_seconds = time.perf_counter() - host_start
+        return tick
+
+    def _dispatch(self, tick: _Tick) -> None:
+        start = time.perf_counter()
+        try:
+            self.reset_slots(tick.new_streams)
+            tick.outputs = self.dispatch_tick(tick.slots, tick.x, tick.mask)
+        except Exception as e:  # a device failure ends these streams, not the server
+            tick.error = e
+        tick.dispatched = time.perf_counter()
+        tick.host_seconds += tick.dispatched - start
+
+    def _complete(self, tick: _Tick) -> None:
+        """Waits for a dispatched tick's outputs and routes them to streams."""
+        try:
+            if tick.error is not None:
+                raise tick.error
+            y, y_mask = (np.asarray(a) for a in tick.outputs)
+        except Exception as e:
+            with self._cond:
+                for session in tick.batch:
+                    session._in_flight.clear()
+                    if not session.done:
                         session._finish_locked(
                             ResourceExhausted(f"device step failed: {e}"), "error"
                         )
-                continue
-            end = time.perf_counter()
-            device_seconds = end - start
-            with self._cond:
-                # Collect every stream's outputs, then wake each event loop
-                # once: a thread-safe call per output costs a syscall each.
-                self._outbox = {}
-                delivered = sum(
-                    session._deliver(y[i], y_mask[i]) for i, session in enumerate(batch)
-                )
-                outbox, self._outbox = self._outbox, None
-                # Still under the lock: anything a transport queues next (an
-                # `Ended` after `end()`) must follow these outputs.
-                for loop, items in outbox.items():
-                    loop.call_soon_threadsafe(_put_all, items)
-                self.ticks += 1
                 self._cond.notify_all()
-            host_seconds = (time.perf_counter() - host_start) - device_seconds
-            self._stats_sink(
-                TickStats(
-                    self.model.name,
-                    batch_size=len(batch),
-                    bucket=bucket,
-                    started_at=tick_start,
-                    tick_seconds=device_seconds,
-                    host_seconds=host_seconds,
-                    queue_wait_seconds=tuple(waits),
-                    input_frames=int(mask[: len(batch)].sum()),
-                    output_frames=delivered,
-                )
+            return
+        ready = time.perf_counter()
+        # Device time: from when the device could start it (dispatched, and
+        # the tick before it done) until its outputs were on the host.
+        device_seconds = ready - max(tick.dispatched, self._last_ready)
+        self._last_ready = ready
+        with self._cond:
+            # Collect every stream's outputs, then wake each event loop
+            # once: a thread-safe call per output costs a syscall each.
+            self._outbox = {}
+            delivered = sum(
+                session._deliver(y[i], y_mask[i]) for i, session in enumerate(tick.batch)
             )
+            outbox, self._outbox = self._outbox, None
+            # Still under the lock: anything a transport queues next (an
+            # `Ended` after `end()`) must follow these outputs.
+            for loop, items in outbox.items():
+                loop.call_soon_threadsafe(_put_all, items)
+            self.ticks += 1
+            self._cond.notify_all()
+        tick.host_seconds += time.perf_counter() - ready
+        self._stats_sink(
+            TickStats(
+                self.model.name,
+                batch_size=len(tick.batch),
+                bucket=tick.bucket,
+                started_at=tick.started_at,
+                tick_seconds=device_seconds,
+                host_seconds=tick.host_seconds,
+                queue_wait_seconds=tick.waits,
+                input_frames=int(tick.mask[: len(tick.batch)].sum()),
+                output_frames=delivered,
+            )
+        )
 
-    def _wait_for_batch(self) -> list[Session] | None:
-        """Blocks (under the lock) until a tick should start; None to stop."""
+    def _wait_for_batch(self, look_ahead: bool = False) -> list[Session] | None:
+        """Under the lock: the streams of the next tick, or None to stop.
+
+        Blocks until a tick should start. With `look_ahead` (a tick is on the
+        device) it never blocks and returns a batch only if no open stream is
+        still waiting for input: that is a backlog, and dispatching now keeps
+        the device busy. Partial batches wait for the tick in flight to be
+        delivered instead, so they are not split into many small ticks.
+        """
         delay = self.config.max_batch_delay_ms / 1000.0
         while True:
             if self._stopping:
@@ -431,18 +488,23 @@ class Scheduler:
             now = time.monotonic()
             timeout = self._reap(now)
             ready = [s for s in self._sessions.values() if s.ready_since is not None]
+            if look_ahead:
+                if ready and not any(s.waiting_for_input for s in self._sessions.values()):
+                    return self._oldest(ready)
+                return []
             if ready:
                 # Streams that could still join this tick: open ones waiting on
                 # their client, not those blocked on output backpressure.
-                waiting = any(
-                    s.waiting_for_input and not s.in_flight for s in self._sessions.values()
-                )
+                waiting = any(s.waiting_for_input for s in self._sessions.values())
                 oldest = min(s.ready_since for s in ready)  # type: ignore[type-var]
                 if not waiting or now - oldest >= delay:
-                    ready.sort(key=lambda s: s.ready_since)  # type: ignore[arg-type, return-value]
-                    return ready[: self.config.max_streams]
+                    return self._oldest(ready)
                 timeout = min(timeout, oldest + delay - now)
             self._cond.wait(timeout=max(timeout, 0.0005))
+
+    def _oldest(self, ready: list[Session]) -> list[Session]:
+        ready.sort(key=lambda s: s.ready_since)  # type: ignore[arg-type, return-value]
+        return ready[: self.config.max_streams]
 
     def _reap(self, now: float) -> float:
         """Ends idle and stuck streams; returns seconds until the next may expire."""
@@ -501,6 +563,24 @@ def _batch_axis(one: jax.ShapeDtypeStruct, two: jax.ShapeDtypeStruct) -> int:
         f"a state leaf of shape {one.shape} does not grow with batch size; the model's state "
         f"is not batch-major, so streams cannot share a tick."
     )
+
+
+@dataclasses.dataclass
+class _Tick:
+    """One tick from staging to delivery."""
+
+    batch: list[Session]
+    bucket: int
+    slots: np.ndarray
+    x: np.ndarray
+    mask: np.ndarray
+    new_streams: list[int]
+    started_at: float
+    waits: tuple[float, ...]
+    host_seconds: float = 0.0
+    dispatched: float = 0.0
+    outputs: Any = None
+    error: Exception | None = None
 
 
 def _put_all(items: list[tuple[Any, Any]]) -> None:

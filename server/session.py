@@ -45,6 +45,23 @@ class Output:
     received_at: float = 0.0
 
 
+@dataclasses.dataclass
+class _InFlight:
+    """One chunk of this stream inside a dispatched tick (ticks are delivered
+    in dispatch order, so these form a FIFO)."""
+
+    # When the newest input frame of the chunk arrived (see `Output`).
+    received_at: float
+    # Its outputs are the stream's last: delivering them ends the stream.
+    final: bool
+
+
+# Chunks of one stream that may be in dispatched ticks at once: the tick
+# being delivered and the next one, already on the device (host work
+# overlapping device work needs two).
+MAX_IN_FLIGHT = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Ended:
     """The stream finished normally; totals for the client."""
@@ -75,16 +92,14 @@ class Session:
         # (input frames received so far, arrival time) per send, for latency.
         self._arrivals: deque[tuple[int, float]] = deque()
         self._consumed = 0
-        self._tick_received_at = 0.0
         # Invalid frames still to feed after `end`: the pad to a whole chunk
         # plus `input_latency` frames, so every output `layer()` gives appears.
         self._flush_frames = 0
-        self._to_drop = model.layer.output_latency
+        self._to_drop = self.info.output_latency
         self.reset_pending = True
         self.ending = False
         self.done = False
-        self.in_flight = False
-        self._final_in_flight = False
+        self._in_flight: deque[_InFlight] = deque()
         self.frames_in = 0
         self.frames_out = 0
         self.ticks = 0
@@ -124,8 +139,11 @@ class Session:
                 self.frames_in += x.shape[0]
                 self._arrivals.append((self.frames_in, now))
             self.last_activity = now
-            self._update_ready()
-        self.scheduler.wake()
+            became_ready = self._update_ready()
+        # Only a stream becoming ready can start a tick: other sends need not
+        # wake the tick thread (hundreds of sends a second at high load).
+        if became_ready:
+            self.scheduler.wake()
 
     def end(self) -> None:
         """No more input: flush the latency and finish."""
@@ -133,16 +151,16 @@ class Session:
             return
         with self.scheduler.lock:
             # A stream that never sent a frame has no outputs to flush.
-            latency = self.scheduler.model.layer.input_latency if self.frames_in else 0
+            latency = self.info.input_latency if self.frames_in else 0
             total = self._buffered + latency
             chunks = math.ceil(total / self._chunk) if total else 0
             self._flush_frames = chunks * self._chunk - self._buffered
             self.ending = True
             self.last_activity = time.monotonic()
-            if chunks == 0 and self.in_flight:
-                # The tick in flight carries this stream's last outputs; its
-                # delivery ends the stream.
-                self._final_in_flight = True
+            if chunks == 0 and self._in_flight:
+                # The last tick in flight carries this stream's last outputs;
+                # its delivery ends the stream.
+                self._in_flight[-1].final = True
             elif chunks == 0:
                 self._finish_locked(Ended(self.frames_in, self.frames_out, self.ticks), "ok")
             else:
@@ -169,8 +187,9 @@ class Session:
             with self.scheduler.lock:
                 self.backlog -= 1
                 self.last_read = time.monotonic()
-                self._update_ready()
-            self.scheduler.wake()
+                became_ready = self._update_ready()
+            if became_ready:  # backpressure lifted
+                self.scheduler.wake()
             if item is _CANCELLED:
                 return
             if isinstance(item, StreamError):
@@ -207,13 +226,21 @@ class Session:
 
     # Scheduler side (tick thread, under the lock) ---------------------------------
 
-    def _update_ready(self) -> None:
-        ready = self._has_chunk() and not self.done and not self.in_flight
+    @property
+    def in_flight(self) -> int:
+        """Chunks of this stream in dispatched ticks, not yet delivered."""
+        return len(self._in_flight)
+
+    def _update_ready(self) -> bool:
+        """Sets `ready_since`; True if the stream just became ready."""
+        ready = self._has_chunk() and not self.done and len(self._in_flight) < MAX_IN_FLIGHT
         ready = ready and self.backlog < self.scheduler.config.max_output_backlog
         if ready and self.ready_since is None:
             self.ready_since = time.monotonic()
-        elif not ready:
+            return True
+        if not ready:
             self.ready_since = None
+        return False
 
     def _has_chunk(self) -> bool:
         if self._buffered >= self._chunk:
@@ -243,23 +270,21 @@ class Session:
         # reaches past it; a pure flush tick waits on `end` instead.
         while self._arrivals and self._arrivals[0][0] < self._consumed:
             self._arrivals.popleft()
-        if taken and self._arrivals:
-            self._tick_received_at = self._arrivals[0][1]
-        elif not taken:
-            self._tick_received_at = self.last_activity
+        received_at = self._arrivals[0][1] if taken and self._arrivals else self.last_activity
         out_mask[:taken] = True
         out_mask[taken:] = False
         out_values[taken:] = 0
         if taken < self._chunk:
             self._flush_frames -= self._chunk - taken
-        self.in_flight = True
-        self._final_in_flight = self.ending and self._buffered == 0 and self._flush_frames <= 0
+        final = self.ending and self._buffered == 0 and self._flush_frames <= 0
+        self._in_flight.append(_InFlight(received_at, final))
         self.ready_since = None
+        self._update_ready()  # a second chunk may already be buffered
 
     def _deliver(self, values: np.ndarray, mask: np.ndarray) -> int:
         """Routes one tick's outputs `[chunk * ratio, *out]` for this stream;
         returns the number of frames queued for the client."""
-        self.in_flight = False
+        chunk = self._in_flight.popleft()
         self.ticks += 1
         if self.done:
             return 0
@@ -269,9 +294,9 @@ class Session:
         if frames.shape[0]:
             if self.first_output_at is None:
                 self.first_output_at = time.monotonic()
-            self._put(Output(frames, self.frames_out, self._tick_received_at))
+            self._put(Output(frames, self.frames_out, chunk.received_at))
             self.frames_out += frames.shape[0]
-        if self._final_in_flight:
+        if chunk.final:
             self._finish_locked(Ended(self.frames_in, self.frames_out, self.ticks), "ok")
         else:
             self._update_ready()

@@ -23,9 +23,11 @@
 
 The document is `{"format": "sequence_layers.config", "version": 1, "config": ...}`
 (`to_dict` / `from_dict` give and take that dict, for embedding in a larger
-JSON file such as a served model's `model.json`). Inside it, JSON
-null/bool/int/float/str/list stand for themselves and every other value is an
-object with one tag:
+JSON file such as a served model's `model.json`). `version` is the oldest
+format version that can read the document: 1, or 2 where it holds a layer
+module (below); `VERSION` is the newest this code reads, and a newer document
+fails with an "upgrade" error. Inside it, JSON null/bool/int/float/str/list
+stand for themselves and every other value is an object with one tag:
 
 - configs (frozen dataclasses): `{"type": "Conv1D", "fields": {...}}`, every
   init field written out; the type name is the layer class name (`Conv1D` for
@@ -38,7 +40,15 @@ object with one tag:
   `"as": "numpy.type"` mark `np.dtype(...)` and `np.float32`-style types;
   `{"python_type": "float"}`; numpy scalars `{"scalar": 1.5, "dtype": "float32"}`;
 - callables by name: `{"callable": "relu"}`; initializers built by a factory
-  with arguments: `{"initializer": "normal", "kwargs": {"stddev": 0.02}}`.
+  with arguments: `{"initializer": "normal", "kwargs": {"stddev": 0.02}}`;
+- (version 2) an unparented layer module, as the config it is made from:
+  `{"module": {"type": "Embedding", "fields": {...}}}` for
+  `EmbeddingTranspose.Config(Embedding.Config(...).make())`; it loads as
+  `config.make()`, an equal module (flax modules compare and hash by their
+  fields: config, parent, name). A module with a parent (made in a `setup()`)
+  or variables is shared by reference and has no JSON form: to tie an
+  `EmbeddingTranspose` to an `Embedding` layer, name it in the config instead,
+  `EmbeddingTranspose.Config(Embedding.Config(..., name="embed"))`.
 
 Where names come from (no hand-kept lists):
 

@@ -1,5 +1,5 @@
 """Encoding and decoding of values, and the JSON document around them
-(`{"format": FORMAT, "version": VERSION, "config": ...}`)."""
+(`{"format": FORMAT, "version": ..., "config": ...}`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
 
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from sequence_layers import types
 from sequence_layers.serialization._common import SerializationError, _did_you_mean
 from sequence_layers.serialization._initializers import Initializer, _initializer_from_closure
 from sequence_layers.serialization._registry import (
@@ -28,7 +30,12 @@ from sequence_layers.serialization._registry import (
 )
 
 FORMAT = "sequence_layers.config"
-VERSION = 1
+# The newest format version this code reads. A document is stamped with the
+# oldest version that can read it, so that readers of older versions keep
+# loading documents that use no newer feature:
+#   1: everything but the below.
+#   2: unparented layer modules (`{"module": <config>}`).
+VERSION = 2
 
 
 # Public API ---------------------------------------------------------------
@@ -36,9 +43,10 @@ VERSION = 1
 
 def to_dict(config: Any) -> dict[str, Any]:
     """`config` (usually a layer Config) as a JSON-compatible dict:
-    `{"format": FORMAT, "version": VERSION, "config": ...}`."""
-    catalog = _catalog()
-    return {"format": FORMAT, "version": VERSION, "config": _encode(config, catalog, "config")}
+    `{"format": FORMAT, "version": v, "config": ...}`, `v` the oldest format
+    version that can read it (at most `VERSION`)."""
+    encoded = _encode(config, _catalog(), "config")
+    return {"format": FORMAT, "version": _required_version(encoded), "config": encoded}
 
 
 def from_dict(d: Mapping[str, Any]) -> Any:
@@ -119,6 +127,8 @@ def _encode(value: Any, catalog: _Catalog, where: str) -> Any:
         return [_encode(v, catalog, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, tuple):
         return {"tuple": [_encode(v, catalog, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, nn.Module):  # Before dataclasses: modules are dataclasses.
+        return {"module": _encode_module(value, catalog, where)}
     if isinstance(value, dict):
         items = [
             [_encode(k, catalog, f"{where}.key"), _encode(v, catalog, f"{where}[{k!r}]")]
@@ -160,6 +170,78 @@ def _type_name(cls: type, catalog: _Catalog, where: str) -> str:
             f"sl.serialization.register_type({cls.__name__})."
         )
     return name
+
+
+def _encode_module(module: nn.Module, catalog: _Catalog, where: str) -> Any:
+    """An unparented layer module as the config it is made from.
+
+    Such a module is a template (flax clones it when a layer adopts it), fully
+    determined by its config: `config.make()` rebuilds an equal one (flax
+    modules compare and hash by their fields `config`, `parent`, `name`). A
+    module with a parent or variables is shared by reference, which JSON
+    cannot express.
+    """
+    cls = type(module)
+    config = getattr(module, "config", None)
+    if not (
+        isinstance(module, types.SequenceLayer)
+        and isinstance(config, types.SequenceLayerConfig)
+        and getattr(cls, "Config", None) is type(config)
+    ):
+        raise SerializationError(
+            f"Cannot serialize the flax module {cls.__qualname__} at {where}: only sequence "
+            f"layers (made by their Config.make()) have a JSON form. Serialize configs, "
+            f"not modules."
+        )
+    if module.parent is not None or module.scope is not None:
+        owner = module.parent
+        owned_by = (
+            f"{type(owner).__name__} {owner.name!r}"
+            if isinstance(owner, nn.Module)
+            else "variables (it is bound)"
+        )
+        hint = (
+            f"{cls.__name__}.Config(..., name={config.name!r})"
+            if getattr(config, "name", None)
+            else f"{cls.__name__}.Config(..., name=...)"
+        )
+        raise SerializationError(
+            f"Cannot serialize the {cls.__name__} module {module.name!r} at {where}: it "
+            f"belongs to {owned_by}, and a module shared by reference has no JSON form. "
+            f"Refer to the layer by its config instead, e.g. "
+            f"EmbeddingTranspose.Config(embedding={hint}) ties to the enclosing layer of "
+            f"that name. Only an unparented module (made outside any setup()) is written, "
+            f"as its config."
+        )
+    extra = [
+        f.name
+        for f in dataclasses.fields(module)
+        if f.init and f.name not in ("config", "parent", "name")
+    ]
+    if module.name != config.name or extra:
+        why = f"fields {extra}" if extra else f"name {module.name!r} (config: {config.name!r})"
+        raise SerializationError(
+            f"Cannot serialize the {cls.__name__} module at {where}: its {why} would not "
+            f"be rebuilt by config.make(); make it with {cls.__name__}.Config(...).make()."
+        )
+    return _encode(config, catalog, f"{where}.config")
+
+
+def _required_version(data: Any) -> int:
+    """The oldest format version that reads the encoded `data`."""
+    if isinstance(data, list):
+        return max((_required_version(v) for v in data), default=1)
+    if not isinstance(data, dict):
+        return 1
+    if "module" in data:
+        return 2
+    # The keys of a config's "fields" and an initializer's "kwargs" are names,
+    # not tags: look at their values only.
+    if "type" in data:
+        data = data.get("fields", {})
+    elif "initializer" in data:
+        data = data.get("kwargs", {})
+    return max((_required_version(v) for v in data.values()), default=1)
 
 
 def _encode_callable(fn: Any, catalog: _Catalog, where: str) -> dict[str, Any]:
@@ -280,6 +362,22 @@ def _decode_dtype(name: Any, kind: str, where: str) -> Any:
     raise SerializationError(f'Unknown dtype "as": {kind!r} at {where}; expected {_DTYPE_KINDS}.')
 
 
+def _decode_module(data: Any, catalog: _Catalog, where: str) -> nn.Module:
+    config = _decode(data, catalog, f"{where}.config")
+    if not isinstance(config, types.SequenceLayerConfig):
+        raise SerializationError(
+            f'"module" at {where} must hold a layer config, got {type(config).__name__}.'
+        )
+    module = config.make()
+    if module.parent is not None:
+        raise SerializationError(
+            f"Cannot load the {type(module).__name__} module at {where} inside a flax "
+            f"module's setup() or compact method: it would be attached to that module. "
+            f"Load configs outside any module."
+        )
+    return module
+
+
 def _decode_tagged(tag: str, data: dict[str, Any], catalog: _Catalog, where: str) -> Any:
     value = data[tag]
 
@@ -336,6 +434,8 @@ def _decode_tagged(tag: str, data: dict[str, Any], catalog: _Catalog, where: str
             return _decode_dtype(value, data.get("as", "jnp"), where)
         case "python_type" if value in _PYTHON_TYPES:
             return _PYTHON_TYPES[value]
+        case "module":
+            return _decode_module(value, catalog, where)
     raise SerializationError(f"Bad {tag!r} value {value!r} at {where}.")
 
 
@@ -355,4 +455,5 @@ _TAGS: dict[str, set[str]] = {
     "scalar": {"scalar", "dtype"},
     "dtype": {"dtype", "as"},
     "python_type": {"python_type"},
+    "module": {"module"},
 }

@@ -164,15 +164,39 @@ class EmbeddingTranspose(CheckedStep, types.Stateless):
     dimension]` using an `Embedding`'s table (weight tying), plus an optional
     learned bias.
 
-    `embedding` is an `Embedding` module: one built in a parent's `setup()`
-    shares its table; an unparented one becomes this layer's child
-    `embedding` and is initialized with it.
+    `embedding` says whose table, in one of two forms:
+
+    - An `Embedding` module (the reference API). One built in a parent's
+      `setup()` is shared by reference; an unparented one (made outside any
+      `setup()`) becomes this layer's child `embedding`, i.e. a table of its
+      own. A module shared by reference has no JSON form, so a config holding
+      a parented one cannot be serialized (an unparented one can: it is
+      written as its `Embedding.Config`).
+    - An `Embedding.Config` with a `name`: ties to the `Embedding` layer of
+      that name in an enclosing layer, e.g. the `embed` layer of
+
+          Serial.Config([
+              Embedding.Config(dimension=512, num_embeddings=V, name="embed"),
+              ...,
+              EmbeddingTranspose.Config(
+                  Embedding.Config(dimension=512, num_embeddings=V, name="embed")
+              ),
+          ])
+
+      This is the form for models that are a pure tree of configs (served
+      models, saved as JSON): the config says which layer to tie to instead
+      of holding it. At setup the Flax parent chain is walked upwards and the
+      first ancestor with a direct child `Embedding` of that name wins; its
+      config must equal the given one (the copy is what the shape and dtype
+      methods read, as they run unbound). The table lives only in that
+      `Embedding` layer's parameters.
     """
 
     @dataclasses.dataclass(frozen=True)
     class Config(types.SequenceLayerConfig):
-        # The Embedding module whose table is used.
-        embedding: Embedding
+        # The Embedding module whose table is used, or the config (with a
+        # name) of the enclosing Embedding layer to tie to.
+        embedding: Embedding | Embedding.Config
         # Learn a bias of shape [num_embeddings].
         use_bias: bool = True
         # Initializer of the bias.
@@ -188,6 +212,22 @@ class EmbeddingTranspose(CheckedStep, types.Stateless):
 
         def __post_init__(self) -> None:
             object.__setattr__(self, "bias_sharding", as_tuple(self.bias_sharding))
+            embedding = self.embedding
+            if isinstance(embedding, Embedding.Config):
+                # The name is the only link to the layer that owns the table.
+                if embedding.name is None:
+                    raise ValueError(
+                        "EmbeddingTranspose.Config(embedding=Embedding.Config(...)) ties to "
+                        "the Embedding layer of the same name in an enclosing layer, so the "
+                        "Embedding.Config needs a name (the same one in both places, e.g. "
+                        "name='embed'). To give this layer a table of its own, pass an "
+                        "Embedding module: Embedding.Config(...).make()."
+                    )
+            elif not isinstance(embedding, Embedding):
+                raise TypeError(
+                    "EmbeddingTranspose.Config.embedding must be an Embedding module or a "
+                    f"named Embedding.Config, got {type(embedding).__name__}: {embedding!r}."
+                )
 
         def make(self) -> EmbeddingTranspose:
             return EmbeddingTranspose(self, name=self.name)
@@ -195,13 +235,50 @@ class EmbeddingTranspose(CheckedStep, types.Stateless):
     config: Config
 
     def setup(self) -> None:
-        # Adopts an unparented Embedding as the child `embedding`; one that
-        # already has a parent stays shared with it.
-        self.embedding = self.config.embedding
+        embedding = self.config.embedding
+        if isinstance(embedding, Embedding.Config):
+            self.embedding = self._find_enclosing_embedding(embedding)
+        else:
+            # Adopts an unparented Embedding as the child `embedding` (flax
+            # clones it; the config's module stays unparented); one that
+            # already has a parent stays shared with it.
+            self.embedding = embedding
+
+    @nn.nowrap
+    def _find_enclosing_embedding(self, config: Embedding.Config) -> Embedding:
+        """The nearest ancestor's direct child `Embedding` named `config.name`.
+
+        Children are what flax registered on each ancestor so far: combinators
+        make their layers in `setup()` (named ones keep `config.name`), which
+        has run by the time this layer is set up.
+        """
+        name = config.name
+        parent = self.parent
+        while isinstance(parent, nn.Module):
+            for child in parent._state.children.values():
+                if isinstance(child, Embedding) and child.name == name:
+                    if child.config != config:
+                        raise ValueError(
+                            f"EmbeddingTranspose {self.name!r} ties to the Embedding layer "
+                            f"{name!r} in {type(parent).__name__} {parent.name!r}, but their "
+                            f"configs differ: the layer has {child.config!r}, this "
+                            f"EmbeddingTranspose.Config names {config!r}. Use the same "
+                            "Embedding.Config in both places."
+                        )
+                    return child
+            parent = parent.parent
+        raise ValueError(
+            f"EmbeddingTranspose {self.name!r} found no enclosing Embedding layer named "
+            f"{name!r}: none of its ancestors has a direct child Embedding of that name. "
+            f"Put Embedding.Config(..., name={name!r}) in an enclosing layer (e.g. earlier "
+            "in the same Serial), or pass an Embedding module instead "
+            "(Embedding.Config(...).make()) to give this layer a table of its own."
+        )
 
     @property
     def _embedding_config(self) -> Embedding.Config:
-        return self.config.embedding.config
+        embedding = self.config.embedding
+        return embedding if isinstance(embedding, Embedding.Config) else embedding.config
 
     @nn.nowrap
     def get_output_shape(

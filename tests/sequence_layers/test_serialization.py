@@ -217,7 +217,8 @@ def test_dumps_is_canonical_json() -> None:
     assert text == serialization.dumps(SerToyLeaf.Config(**_fields(config)))
     d = _strict_json(text)
     assert d["format"] == serialization.FORMAT == "sequence_layers.config"
-    assert d["version"] == serialization.VERSION == 1
+    # The oldest version that reads it: 1 without layer modules.
+    assert d["version"] == 1 and serialization.VERSION == 2
     assert d["config"]["type"] == "SerToyLeaf"
     assert list(d["config"]["fields"]) == sorted(d["config"]["fields"])
     assert d["config"]["fields"]["activation"] == {"callable": "tanh"}
@@ -404,8 +405,10 @@ def test_unknown_names_fail_clearly() -> None:
 
 def test_version_and_format_checks() -> None:
     d = _doc(SerToyLeaf.Config(1))
-    with pytest.raises(serialization.SerializationError, match=r"version 2, newer.*Upgrade"):
-        serialization.from_dict({**d, "version": 2})
+    newer = serialization.VERSION + 1
+    with pytest.raises(serialization.SerializationError, match=rf"version {newer}, newer.*Upgrade"):
+        serialization.from_dict({**d, "version": newer})
+    assert serialization.from_dict({**d, "version": serialization.VERSION}) == SerToyLeaf.Config(1)
     with pytest.raises(serialization.SerializationError, match="Invalid"):
         serialization.from_dict({**d, "version": "1"})
     with pytest.raises(serialization.SerializationError, match="Not a serialized"):

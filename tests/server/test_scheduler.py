@@ -115,6 +115,35 @@ def test_reused_slot_starts_from_initial_state(scheduler: Scheduler) -> None:
     np.testing.assert_allclose(second[0][0], scheduler.model.offline(x), rtol=1e-5, atol=1e-5)
 
 
+def test_backlog_overlaps_ticks_and_equals_offline(scheduler: Scheduler) -> None:
+    # Whole inputs sent at once: every stream has its next chunk ready while
+    # a tick runs, so ticks are dispatched ahead and each stream has two
+    # chunks in flight; `end` lands while they are (exact multiples of the
+    # chunk), so the last one in flight must carry the end.
+    rng = np.random.default_rng(7)
+    chunk, channels = scheduler.chunk_frames, scheduler.model.input_shape
+    lengths = [
+        chunk * int(rng.integers(3, 8)) + (i % 2) * int(rng.integers(1, chunk)) for i in range(16)
+    ]
+    inputs = [rng.normal(size=(n, *channels)).astype(np.float32) for n in lengths]
+    before = scheduler.look_ahead_ticks
+
+    async def one(x: np.ndarray) -> np.ndarray:
+        session = scheduler.open_stream(asyncio.get_running_loop())
+        session.send(x)
+        session.end()
+        frames = [item.frames async for item in session.outputs() if isinstance(item, Output)]
+        return np.concatenate(frames)
+
+    async def main() -> list[np.ndarray]:
+        return await asyncio.gather(*(one(x) for x in inputs))
+
+    for x, y in zip(inputs, asyncio.run(main()), strict=True):
+        np.testing.assert_allclose(y, scheduler.model.offline(x), rtol=1e-5, atol=1e-5)
+    assert scheduler.look_ahead_ticks > before
+    assert scheduler.active_streams == 0
+
+
 def test_buckets_are_powers_of_two() -> None:
     assert buckets_for(1) == [1]
     assert buckets_for(12) == [1, 2, 4, 8, 16]

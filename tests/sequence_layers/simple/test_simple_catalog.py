@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sequence_layers import dense, serialization, simple, testing, types
+from sequence_layers import combinators, dense, serialization, simple, testing, types
 
 FLOAT = testing.random_sequence(2, 4, 4, seed=30)
 IDS = testing.random_sequence(2, 4, dtype=jnp.int32, low=0, high=5, seed=31)
@@ -66,6 +66,8 @@ CATALOG: list[tuple[types.SequenceLayerConfig, object]] = [
     (simple.GlobalEinopsRearrange.Config("(t k) c -> t (k c)", {"k": 2}), FLOAT),
     (simple.OneHot.Config(5), IDS),
     (simple.Embedding.Config(3, 5), IDS),
+    # An unparented Embedding module: a table of its own, written as its config.
+    (simple.EmbeddingTranspose.Config(simple.Embedding.Config(4, 5).make()), FLOAT),
     (simple.Argmax.Config(), FLOAT),
     (simple.Dropout.Config(0.5, (1,)), FLOAT),
     (simple.AddNoise.Config(simple.AddNoise.Normal(0.0, 1.0), training_only=True), FLOAT),
@@ -83,7 +85,7 @@ NAMES = [type(c).__qualname__.split(".")[0] for c, _ in CATALOG]
 def test_simple_exports_the_reference_catalog() -> None:
     exported = {n for n in dir(simple) if isinstance(getattr(simple, n), type)}
     layers = {n for n in exported if issubclass(getattr(simple, n), types.SequenceLayer)}
-    assert layers == set(NAMES) - {"Dense", "DenseShaped", "EinsumDense"} | {"EmbeddingTranspose"}
+    assert layers == set(NAMES) - {"Dense", "DenseShaped", "EinsumDense"}
     assert len(layers) == 60
 
 
@@ -101,11 +103,29 @@ def test_config_round_trips_with_identical_outputs(config, x) -> None:
     np.testing.assert_array_equal(y.mask, y_restored.mask)
 
 
-def test_embedding_transpose_config_holds_a_module() -> None:
-    # Its config references a (possibly shared) Embedding module, which has
-    # no JSON form: serialize the model that owns both instead.
-    embedding = simple.Embedding.Config(3, 5).make()
-    config = simple.EmbeddingTranspose.Config(embedding)
-    hash(config)
-    with pytest.raises(serialization.SerializationError):
-        serialization.dumps(config)
+def test_embedding_transpose_serializes_in_both_forms() -> None:
+    # Tied by name to an enclosing Embedding: a plain nested config (version 1).
+    embed = simple.Embedding.Config(4, 5, name="embed")
+    tied = combinators.Serial.Config([embed, simple.EmbeddingTranspose.Config(embed)])
+    d = serialization.to_dict(tied)
+    assert d["version"] == 1
+    assert d["config"]["fields"]["layers"]["tuple"][1]["fields"]["embedding"]["type"] == "Embedding"
+    restored = serialization.from_dict(d)
+    assert restored == tied and hash(restored) == hash(tied)
+    # An unparented module: its config under the "module" tag (version 2).
+    own = simple.EmbeddingTranspose.Config(simple.Embedding.Config(4, 5).make())
+    d = serialization.to_dict(own)
+    assert d["version"] == 2
+    assert d["config"]["fields"]["embedding"] == {
+        "module": serialization.to_dict(own.embedding.config)["config"]
+    }
+    assert serialization.from_dict(d) == own
+
+
+def test_layer_modules_that_cannot_be_rebuilt_do_not_serialize() -> None:
+    renamed = simple.Embedding(simple.Embedding.Config(4, 5), name="other")
+    with pytest.raises(serialization.SerializationError, match=r"not be rebuilt by config\.make"):
+        serialization.dumps(simple.EmbeddingTranspose.Config(renamed))
+    bound = simple.Embedding.Config(4, 5).make().bind({})
+    with pytest.raises(serialization.SerializationError, match="belongs to variables"):
+        serialization.dumps(simple.EmbeddingTranspose.Config(bound))
