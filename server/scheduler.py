@@ -127,6 +127,7 @@ class Scheduler:
         self._compile()
         if self._stopping:  # stopped while compiling: never start ticking
             return
+        self._warm_up()
         # What exists now (JAX, Flax, the compiled programs: hundreds of
         # thousands of objects) lives as long as the process. Freezing it
         # keeps the collector's full passes from walking it: unfrozen, they
@@ -336,6 +337,26 @@ class Scheduler:
             .compile()
         )
         self.compile_seconds["full"] = time.perf_counter() - start
+
+    def _warm_up(self) -> None:
+        """Runs every compiled program once: first executions allocate the
+        runtime's buffers and took up to 100 ms, which the first streams
+        after start-up paid as latency.
+
+        The state may change: partial ticks here use only the padding slot
+        (gather fills zeros, scatter is dropped), but the full tick steps
+        every row. That is harmless because no stream is active yet and every
+        new stream resets its slot before its first step.
+        """
+        spec = self.model.input_spec
+        full = np.arange(self.config.max_streams, dtype=np.int32)
+        padding = [np.full((b,), self.padding_slot, np.int32) for b in self.buckets]
+        for slots in [*padding, full]:
+            b = slots.shape[0]
+            x = np.zeros((b, self.chunk_frames, *spec.shape), spec.dtype)
+            self.run_tick(slots, x, np.zeros((b, self.chunk_frames), np.bool_))
+        self.reset_slots([0])
+        jax.block_until_ready(self.state)
 
     def reset_slots(self, slots: list[int]) -> None:
         """Puts new streams' slots back to the initial state (tick thread only)."""
