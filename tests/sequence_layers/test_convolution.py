@@ -230,6 +230,44 @@ def test_depthwise_conv1d() -> None:
 
 
 @pytest.mark.parametrize(
+    "kernel, strides, dilation, multiplier, padding, dtype",
+    [
+        (15, 1, 1, 1, (14, 0), jnp.float32),
+        (3, 2, 2, 2, (1, 3), jnp.float32),
+        (4, 3, 1, 3, (0, 0), jnp.float32),
+        (5, 1, 1, 1, (4, 0), jnp.bfloat16),
+        (7, 1, 1, 1, (0, 0), jnp.float32),  # longer than the input: no output frames
+    ],
+)
+def test_depthwise_sum_equals_grouped_convolution(
+    kernel: int, strides: int, dilation: int, multiplier: int, padding: Any, dtype: Any
+) -> None:
+    # Depthwise convs run as a sum of shifted slices (fast on CPU); it must
+    # equal XLA's grouped convolution for every stride, dilation, multiplier.
+    from sequence_layers.convolution import _depthwise_conv1d
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 6 if kernel == 7 else 11, 4)), dtype)
+    k = jnp.asarray(rng.normal(size=(kernel, 1, 4 * multiplier)), dtype)
+    got = _depthwise_conv1d(x, k, padding, strides, dilation)
+    want = jax.lax.conv_general_dilated(
+        x,
+        k,
+        window_strides=(strides,),
+        padding=(padding,),
+        rhs_dilation=(dilation,),
+        dimension_numbers=("NHC", "HIO", "NHC"),
+        feature_group_count=4,
+        preferred_element_type=jnp.float32,
+    ).astype(dtype)
+    assert got.shape == want.shape and got.dtype == dtype
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol
+    )
+
+
+@pytest.mark.parametrize(
     "time_padding, strides, spatial_padding",
     [("causal", (2, 1), "same"), ("reverse_causal_valid", (1, 2), (1, 0))],
 )
