@@ -237,13 +237,13 @@ class Scheduler:
                 self._batch_axes,
             )
         rows = self.rows
-        make = jax.jit(
+        self._make_state = jax.jit(
             lambda: jax.tree.map(
                 lambda a, ax: jnp.repeat(a, rows, axis=ax), self._init_one, self._batch_axes
             ),
             out_shardings=self._state_sharding,
         )
-        self.state = make()
+        self.state = self._make_state()
 
     def _tick_fns(self) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
         """(partial tick, full tick, reset one slot), all pure functions of
@@ -440,8 +440,23 @@ class Scheduler:
             tick.outputs = self.dispatch_tick(tick.slots, tick.x, tick.mask)
         except Exception as e:  # a device failure ends these streams, not the server
             tick.error = e
+            self._recover_state(e)
         tick.dispatched = time.perf_counter()
         tick.host_seconds += tick.dispatched - start
+
+    def _recover_state(self, error: Exception) -> None:
+        """After a failed device call: if the donated state is gone, every
+        stream's state is lost. Those streams end with the error, and the
+        slots start over from a fresh state so the server keeps serving."""
+        if not any(leaf.is_deleted() for leaf in jax.tree.leaves(self.state)):
+            return
+        self.state = self._make_state()
+        with self._cond:
+            for session in list(self._sessions.values()):
+                session._finish_locked(
+                    ResourceExhausted(f"device step failed; stream state lost: {error}"), "error"
+                )
+            self._cond.notify_all()
 
     def _complete(self, tick: _Tick) -> None:
         """Waits for a dispatched tick's outputs and routes them to streams."""
@@ -452,7 +467,8 @@ class Scheduler:
         except Exception as e:
             with self._cond:
                 for session in tick.batch:
-                    session._in_flight.clear()
+                    # This tick's chunk only: a later tick may hold the next.
+                    session._in_flight.popleft()
                     if not session.done:
                         session._finish_locked(
                             ResourceExhausted(f"device step failed: {e}"), "error"

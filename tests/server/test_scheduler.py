@@ -13,7 +13,7 @@ import sequence_layers as sl
 from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from server.model import ServableModel, init_variables
 from server.scheduler import Scheduler, SchedulerConfig, buckets_for
-from server.session import Ended, Output
+from server.session import Ended, Output, Session
 from tests.server.streaming import drive
 
 
@@ -250,3 +250,47 @@ def test_state_is_resident_and_slot_major(small: Scheduler) -> None:
     leaves = jax.tree.leaves(small.state)
     assert leaves and all(isinstance(leaf, jax.Array) for leaf in leaves)
     assert all(small.rows in leaf.shape for leaf in leaves)
+
+
+@pytest.mark.parametrize("state_lost", [False, True])
+def test_device_failure_ends_its_streams_and_serving_goes_on(
+    small: Scheduler, monkeypatch: pytest.MonkeyPatch, state_lost: bool
+) -> None:
+    # A failing device call ends the streams in that tick with
+    # RESOURCE_EXHAUSTED. If it took the donated state with it, every stream's
+    # state is gone: all end, and the slots start over from a fresh state.
+    real = small.dispatch_tick
+
+    def failing(*args: object) -> object:
+        monkeypatch.setattr(small, "dispatch_tick", real)  # fail once
+        if state_lost:
+            for leaf in jax.tree.leaves(small.state):
+                leaf.delete()
+        raise RuntimeError("device lost")
+
+    x = np.random.default_rng(9).normal(size=(24, 3)).astype(np.float32)
+
+    async def run(session: Session, data: np.ndarray) -> list[np.ndarray]:
+        session.send(data)
+        session.end()
+        return [i.frames async for i in session.outputs() if isinstance(i, Output)]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        idle = small.open_stream(loop)  # open, never sends: not in the failing tick
+        monkeypatch.setattr(small, "dispatch_tick", failing)
+        with pytest.raises(ResourceExhausted, match="device step failed"):
+            await run(small.open_stream(loop), x)
+        if state_lost:
+            with pytest.raises(ResourceExhausted, match="state lost"):
+                async for _ in idle.outputs():
+                    pass
+        else:
+            idle.cancel()
+        frames = await run(small.open_stream(loop), x)
+        np.testing.assert_allclose(
+            np.concatenate(frames), small.model.offline(x), rtol=1e-5, atol=1e-5
+        )
+
+    asyncio.run(main())
+    assert small.active_streams == 0
