@@ -252,8 +252,11 @@ class Scheduler:
         n = self.config.max_streams
 
         def step(variables, state, x, mask):  # type: ignore[no-untyped-def]
+            # Sessions zero every invalid frame (chunk tails, flush, padding
+            # rows), so the input is a MaskedSequence: layers skip re-masking
+            # it (measured 5% of a demo-asr tick).
             y, new = layer.apply(
-                variables, sl.Sequence(x, mask), state, training=False, method=layer.step
+                variables, sl.MaskedSequence(x, mask), state, training=False, method=layer.step
             )
             return new, y.values.astype(jnp.float32), y.mask
 
@@ -480,12 +483,14 @@ class Scheduler:
         # the tick before it done) until its outputs were on the host.
         device_seconds = ready - max(tick.dispatched, self._last_ready)
         self._last_ready = ready
+        all_valid = y_mask.all(axis=1).tolist()
         with self._cond:
             # Collect every stream's outputs, then wake each event loop
             # once: a thread-safe call per output costs a syscall each.
             self._outbox = {}
             delivered = sum(
-                session._deliver(y[i], y_mask[i]) for i, session in enumerate(tick.batch)
+                session._deliver(y[i], y_mask[i], valid)
+                for i, (session, valid) in enumerate(zip(tick.batch, all_valid, strict=False))
             )
             outbox, self._outbox = self._outbox, None
             # Still under the lock: anything a transport queues next (an

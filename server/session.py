@@ -281,16 +281,17 @@ class Session:
         self.ready_since = None
         self._update_ready()  # a second chunk may already be buffered
 
-    def _deliver(self, values: np.ndarray, mask: np.ndarray) -> int:
+    def _deliver(self, values: np.ndarray, mask: np.ndarray, all_valid: bool = False) -> int:
         """Routes one tick's outputs `[chunk * ratio, *out]` for this stream;
-        returns the number of frames queued for the client."""
+        returns the number of frames queued for the client. `all_valid` (every
+        frame of `mask` valid, the usual case) skips the boolean gather."""
         chunk = self._in_flight.popleft()
         self.ticks += 1
         if self.done:
             return 0
         drop = min(self._to_drop, values.shape[0])
         self._to_drop -= drop
-        frames = values[drop:][mask[drop:]]
+        frames = values[drop:] if all_valid else values[drop:][mask[drop:]]
         if frames.shape[0]:
             if self.first_output_at is None:
                 self.first_output_at = time.monotonic()
