@@ -152,7 +152,10 @@ def prepare_input(x: np.ndarray, input_dtype: str) -> np.ndarray:
 
 
 def init_variables(
-    config: sl.SequenceLayerConfig, input_shape: tuple[int, ...], seed: int = 0
+    config: sl.SequenceLayerConfig,
+    input_shape: tuple[int, ...],
+    seed: int = 0,
+    input_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Deterministic variables for `config` (the built-in models, tests).
 
@@ -164,7 +167,9 @@ def init_variables(
     """
     layer = config.make()
     block = max(layer.block_size, 1)
-    x = sl.Sequence.from_values(jnp.zeros((1, block * 2, *input_shape), jnp.float32))
+    # Token models (input_dtype int32, e.g. an Embedding first) need int ids.
+    dtype = jnp.int32 if input_dtype == "int32" else jnp.float32
+    x = sl.Sequence.from_values(jnp.zeros((1, block * 2, *input_shape), dtype))
     shapes = jax.eval_shape(lambda: layer.init(jax.random.PRNGKey(0), x, training=False))
     rng = np.random.default_rng(seed)
 
@@ -252,7 +257,9 @@ def load_model_dir(directory: str | os.PathLike[str], name: str | None = None) -
     except (ValueError, TypeError) as e:
         raise ModelLoadError(f"{meta_path}: {e}") from e
 
-    expected = jax.eval_shape(lambda: init_variables(model.config, model.input_shape))
+    expected = jax.eval_shape(
+        lambda: init_variables(model.config, model.input_shape, input_dtype=model.input_dtype)
+    )
     if not _leaf_count(expected):
         return model
     params_path = path / "params"

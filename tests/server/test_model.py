@@ -114,3 +114,48 @@ def test_sl_models_list(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for name in ("demo-asr", "demo-vocoder", "logmel"):
         assert name in out
+
+
+def test_token_model_with_tied_embeddings_saves_loads_and_streams(tmp_path: Path) -> None:
+    # A config-only model with tied input/output embeddings (the Embedding is
+    # referred to by name), served with int32 token ids: the model directory
+    # round-trips, and streaming through the Scheduler equals offline.
+    import asyncio
+
+    from server.scheduler import Scheduler, SchedulerConfig
+    from server.session import Output
+
+    embed = sl.Embedding.Config(dimension=8, num_embeddings=11, name="embed")
+    config = sl.Serial.Config(
+        (
+            embed,
+            sl.Conv1D.Config(filters=8, kernel_size=3, padding="causal"),
+            sl.EmbeddingTranspose.Config(embed),
+        )
+    )
+    variables = init_variables(config, (), seed=3, input_dtype="int32")
+    assert set(variables["params"]) == {"embed", "layers_1", "layers_2"}
+    assert set(variables["params"]["layers_2"]) == {"bias"}  # the table is not copied
+    model = ServableModel("tied", config, variables, (), input_dtype="int32")
+    loaded = load_model_dir(save_model_dir(model, tmp_path / "tied"))
+    assert loaded.config == config and loaded.input_dtype == "int32"
+    ids = np.random.default_rng(0).integers(0, 11, size=(37,)).astype(np.int32)
+    expected = model.offline(ids)
+    np.testing.assert_allclose(loaded.offline(ids), expected, rtol=1e-6, atol=1e-6)
+    assert expected.shape == (37, 11)  # logits over the 11 tokens
+
+    sched = Scheduler(loaded, SchedulerConfig(max_streams=2, chunk_blocks=4, buckets=(2,)))
+    sched.start()
+    try:
+
+        async def stream() -> np.ndarray:
+            session = sched.open_stream(asyncio.get_running_loop())
+            for i in range(0, len(ids), 5):
+                session.send(ids[i : i + 5])
+            session.end()
+            frames = [o.frames async for o in session.outputs() if isinstance(o, Output)]
+            return np.concatenate(frames)
+
+        np.testing.assert_allclose(asyncio.run(stream()), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        sched.stop()
