@@ -11,6 +11,11 @@
 - A tick starts when every stream that can run has a chunk ready, or when
   `max_batch_delay_ms` has passed since the oldest ready chunk.
 
+- Under a backlog (no open stream waiting for input) the next tick is
+  staged and dispatched while the current one is still on the device, so
+  host work (batching chunks, routing outputs) overlaps device work; each
+  stream then has up to two chunks in flight, delivered in order.
+
 Ticks run on a dedicated thread; transports talk to `Session`s on their
 asyncio loop.
 """
