@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import statistics
@@ -35,21 +36,27 @@ from server.session import Ended
 from server.stats import TickStats
 
 
+@functools.cache
+def _jitted_step(layer: Any) -> Any:
+    # One jit per model: each batch size compiles once, not once per repeat.
+    return jax.jit(
+        lambda v, x, s: layer.apply(v, x, s, training=False, method=layer.step),
+        donate_argnums=(2,),
+    )
+
+
 def bare_steps(model: ServableModel, batch: int, chunk: int, steps: int) -> list[float]:
     """Seconds of each of `steps` jitted steps at `batch`, state donated (no slots)."""
     layer, spec = model.layer, model.input_spec
     state = layer.apply(
         model.variables, batch, spec, training=False, method=layer.get_initial_state
     )
-    step = jax.jit(
-        lambda v, x, s: layer.apply(v, x, s, training=False, method=layer.step),
-        donate_argnums=(2,),
-    )
+    step = _jitted_step(layer)
     rng = np.random.default_rng(0)
     x = sl.Sequence.from_values(
         jax.numpy.asarray(rng.normal(size=(batch, chunk, *spec.shape)), spec.dtype) * 0.1
     )
-    y, state = step(model.variables, x, state)  # compile
+    y, state = step(model.variables, x, state)  # compiles on first use
     jax.block_until_ready(y)
     times = []
     for _ in range(steps):

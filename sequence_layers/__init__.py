@@ -66,8 +66,8 @@ from sequence_layers.conditioning import Conditioning as Conditioning
 
 # convolution
 from sequence_layers.convolution import Conv1D as Conv1D
-from sequence_layers.convolution import Conv2D as Conv2D
-from sequence_layers.convolution import Conv3D as Conv3D
+from sequence_layers.convolution_nd import Conv2D as Conv2D
+from sequence_layers.convolution_nd import Conv3D as Conv3D
 from sequence_layers.convolution import DepthwiseConv1D as DepthwiseConv1D
 
 # transposed convolution

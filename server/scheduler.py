@@ -431,13 +431,14 @@ class Scheduler:
         mask = np.zeros((bucket, self.chunk_frames), np.bool_)
         slots = np.full((bucket,), self.padding_slot, np.int32)
         new_streams = []
+        input_frames = 0
         for i, session in enumerate(batch):
-            session._pop_chunk(x[i], mask[i])
+            input_frames += session._pop_chunk(x[i], mask[i])
             slots[i] = session.slot
             if session.reset_pending:
                 new_streams.append(session.slot)
                 session.reset_pending = False
-        tick = _Tick(batch, bucket, slots, x, mask, new_streams, started_at, waits)
+        tick = _Tick(batch, bucket, slots, x, mask, new_streams, started_at, waits, input_frames)
         tick.host_seconds = time.perf_counter() - host_start
         return tick
 
@@ -514,7 +515,7 @@ class Scheduler:
                 tick_seconds=device_seconds,
                 host_seconds=tick.host_seconds,
                 queue_wait_seconds=tick.waits,
-                input_frames=int(tick.mask[: len(tick.batch)].sum()),
+                input_frames=tick.input_frames,
                 output_frames=delivered,
             )
         )
@@ -624,6 +625,8 @@ class _Tick:
     new_streams: list[int]
     started_at: float
     waits: tuple[float, ...]
+    # Valid input frames staged (for the stats).
+    input_frames: int
     host_seconds: float = 0.0
     dispatched: float = 0.0
     outputs: Any = None

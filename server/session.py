@@ -252,8 +252,10 @@ class Session:
         """Open, not ready, and the reason is the client has not sent enough."""
         return not self.done and not self.ending and self._buffered < self._chunk
 
-    def _pop_chunk(self, out_values: np.ndarray, out_mask: np.ndarray) -> None:
-        """Writes the next chunk into `out_values [chunk, *c]` / `out_mask [chunk]`."""
+    def _pop_chunk(self, out_values: np.ndarray, out_mask: np.ndarray) -> int:
+        """Writes the next chunk into `out_values [chunk, *c]` / `out_mask
+        [chunk]`, which arrive zeroed (fresh per tick): the tail past the
+        client's frames stays invalid zeros. Returns the valid frames taken."""
         taken = 0
         while taken < self._chunk and self._buffer:
             head = self._buffer[0]
@@ -272,14 +274,13 @@ class Session:
             self._arrivals.popleft()
         received_at = self._arrivals[0][1] if taken and self._arrivals else self.last_activity
         out_mask[:taken] = True
-        out_mask[taken:] = False
-        out_values[taken:] = 0
         if taken < self._chunk:
             self._flush_frames -= self._chunk - taken
         final = self.ending and self._buffered == 0 and self._flush_frames <= 0
         self._in_flight.append(_InFlight(received_at, final))
         self.ready_since = None
         self._update_ready()  # a second chunk may already be buffered
+        return taken
 
     def _deliver(self, values: np.ndarray, mask: np.ndarray, all_valid: bool = False) -> int:
         """Routes one tick's outputs `[chunk * ratio, *out]` for this stream;

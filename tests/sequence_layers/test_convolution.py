@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from sequence_layers import testing, types
-from sequence_layers.convolution import Conv1D, Conv2D, Conv3D, DepthwiseConv1D
+from sequence_layers.convolution import Conv1D, DepthwiseConv1D
+from sequence_layers.convolution_nd import Conv2D, Conv3D
 from sequence_layers.sequence import Sequence
 from sequence_layers.utils import step_by_step_static
 from sequence_layers.weight_normalization import (
