@@ -110,8 +110,11 @@ class Metrics:
         if isinstance(stats, TickStats):
             self.tick_seconds.labels(stats.model).observe(stats.tick_seconds)
             self.tick_batch.labels(stats.model).observe(stats.batch_size)
+            # One label lookup per tick, not per stream: this runs on the
+            # tick thread, once for each of up to max_streams waits.
+            queue_wait = self.queue_wait.labels(stats.model)
             for wait in stats.queue_wait_seconds:
-                self.queue_wait.labels(stats.model).observe(wait)
+                queue_wait.observe(wait)
             self.input_frames.labels(stats.model).inc(stats.input_frames)
             self.output_frames.labels(stats.model).inc(stats.output_frames)
         elif isinstance(stats, StreamStats):

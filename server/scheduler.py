@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import gc
 import itertools
+import operator
 import threading
 import time
 import uuid
@@ -123,6 +124,8 @@ class Scheduler:
         # Ticks dispatched while the one before was still on the device.
         self.look_ahead_ticks = 0
         self._last_ready = 0.0
+        self._free_staging: dict[int, list[_Staging]] = {}
+        self._next_reap = 0.0
 
     # Lifecycle ---------------------------------------------------------------
 
@@ -241,22 +244,38 @@ class Scheduler:
                 lambda ax: NamedSharding(mesh, PartitionSpec(*([None] * ax), "slots")),
                 self._batch_axes,
             )
+        # The state and the variables cross every device call as flat lists
+        # of leaves: flattening their nested dicts on each call cost a
+        # quarter of the call's host time.
+        self._state_def = jax.tree.structure(one)
+        if self._state_sharding is not None:
+            self._state_sharding = jax.tree.leaves(self._state_sharding)
+        self._var_def = jax.tree.structure(self.model.variables)
         rows = self.rows
         self._make_state = jax.jit(
-            lambda: jax.tree.map(
-                lambda a, ax: jnp.repeat(a, rows, axis=ax), self._init_one, self._batch_axes
+            lambda: jax.tree.leaves(
+                jax.tree.map(
+                    lambda a, ax: jnp.repeat(a, rows, axis=ax), self._init_one, self._batch_axes
+                )
             ),
             out_shardings=self._state_sharding,
         )
-        self.state = self._make_state()
+        # Leaves of the state pytree, in `self._state_def` order.
+        self.state: list[jax.Array] = self._make_state()
 
     def _tick_fns(self) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
-        """(partial tick, full tick, reset one slot), all pure functions of
-        the state so jit can donate it and update in place."""
+        """(partial tick, full tick, reset one slot) on flat leaves, all pure
+        functions of the state so jit can donate it and update in place."""
         layer, axes, init_one = self.layer, self._batch_axes, self._init_one
         n = self.config.max_streams
 
-        def step(variables, state, x, mask):  # type: ignore[no-untyped-def]
+        frame_index = jnp.arange(self.chunk_frames, dtype=jnp.int32)
+
+        def step(variables, state, x, lengths):  # type: ignore[no-untyped-def]
+            # A row's valid frames are always a prefix of the chunk (the
+            # client's frames, then the invalid tail), so the mask is built
+            # here from per-row lengths instead of sent with every tick.
+            mask = frame_index[None, :] < lengths[:, None]
             # Sessions zero every invalid frame (chunk tails, flush, padding
             # rows), so the input is a MaskedSequence: layers skip re-masking
             # it (measured 5% of a demo-asr tick).
@@ -265,7 +284,7 @@ class Scheduler:
             )
             return new, y.values.astype(jnp.float32), y.mask
 
-        def partial_tick(variables, state, slot_ids, x, mask):  # type: ignore[no-untyped-def]
+        def partial_tick(variables, state, slot_ids, x, lengths):  # type: ignore[no-untyped-def]
             # Some slots: gather their rows, step, scatter back. Rows not in
             # the tick are not stepped at all (their buffers must not move).
             gathered = jax.tree.map(
@@ -273,7 +292,7 @@ class Scheduler:
                 state,
                 axes,
             )
-            new, y, y_mask = step(variables, gathered, x, mask)
+            new, y, y_mask = step(variables, gathered, x, lengths)
             state = jax.tree.map(
                 lambda a, n, ax: a.at[(slice(None),) * ax + (slot_ids,)].set(n, mode="drop"),
                 state,
@@ -282,14 +301,14 @@ class Scheduler:
             )
             return state, y, y_mask
 
-        def full_tick(variables, state, x, mask):  # type: ignore[no-untyped-def]
+        def full_tick(variables, state, x, lengths):  # type: ignore[no-untyped-def]
             # Every slot, in slot order (full occupancy): no gather or scatter.
             # With rows == max_streams (one device, or a multiple of the
             # device count) this is the bare step on the donated state.
             if self.rows == n:
-                return step(variables, state, x, mask)
+                return step(variables, state, x, lengths)
             rows = jax.tree.map(lambda a, ax: jax.lax.slice_in_dim(a, 0, n, axis=ax), state, axes)
-            new, y, y_mask = step(variables, rows, x, mask)
+            new, y, y_mask = step(variables, rows, x, lengths)
             state = jax.tree.map(
                 lambda a, r, ax: jax.lax.dynamic_update_slice_in_dim(a, r, 0, axis=ax),
                 state,
@@ -308,14 +327,31 @@ class Scheduler:
                 axes,
             )
 
-        return partial_tick, full_tick, reset_slot
+        var_def, state_def = self._var_def, self._state_def
+
+        def on_leaves(tick: Callable[..., Any]) -> Callable[..., Any]:
+            # (variables, state, ...) -> (variable leaves, state leaves, ...)
+            def wrapped(var_leaves, state_leaves, *inputs):  # type: ignore[no-untyped-def]
+                variables = jax.tree.unflatten(var_def, var_leaves)
+                state = jax.tree.unflatten(state_def, state_leaves)
+                new, y, y_mask = tick(variables, state, *inputs)
+                return jax.tree.leaves(new), y, y_mask
+
+            return wrapped
+
+        def reset_leaves(state_leaves, slot):  # type: ignore[no-untyped-def]
+            state = jax.tree.unflatten(state_def, state_leaves)
+            return jax.tree.leaves(reset_slot(state, slot))
+
+        return on_leaves(partial_tick), on_leaves(full_tick), reset_leaves
 
     def _compile(self) -> None:
         spec = self.model.input_spec
         out = (self._state_sharding, None, None) if self._state_sharding else None
         partial_tick, full_tick, reset_slot = self._tick_fns()
+        self._var_leaves = jax.tree.leaves(self.model.variables)
         x_spec = lambda b: jax.ShapeDtypeStruct((b, self.chunk_frames, *spec.shape), spec.dtype)
-        mask_spec = lambda b: jax.ShapeDtypeStruct((b, self.chunk_frames), jnp.bool_)
+        lengths_spec = lambda b: jax.ShapeDtypeStruct((b,), jnp.int32)
         self._compiled: dict[int, Any] = {}
         partial = jax.jit(partial_tick, donate_argnums=(1,), out_shardings=out)
         for bucket in self.buckets:
@@ -323,18 +359,18 @@ class Scheduler:
                 return
             start = time.perf_counter()
             args = (
-                self.model.variables,
+                self._var_leaves,
                 self.state,
                 jax.ShapeDtypeStruct((bucket,), jnp.int32),
                 x_spec(bucket),
-                mask_spec(bucket),
+                lengths_spec(bucket),
             )
             self._compiled[bucket] = partial.lower(*args).compile()
             self.compile_seconds[bucket] = time.perf_counter() - start
         start = time.perf_counter()
         n = self.config.max_streams
         full = jax.jit(full_tick, donate_argnums=(1,), out_shardings=out)
-        self._full = full.lower(self.model.variables, self.state, x_spec(n), mask_spec(n)).compile()
+        self._full = full.lower(self._var_leaves, self.state, x_spec(n), lengths_spec(n)).compile()
         self._reset = (
             jax.jit(
                 reset_slot,
@@ -362,7 +398,7 @@ class Scheduler:
         for slots in [*padding, full]:
             b = slots.shape[0]
             x = np.zeros((b, self.chunk_frames, *spec.shape), spec.dtype)
-            self.run_tick(slots, x, np.zeros((b, self.chunk_frames), np.bool_))
+            self.run_tick(slots, x, np.zeros((b,), np.int32))
         self.reset_slots([0])
         jax.block_until_ready(self.state)
 
@@ -371,24 +407,24 @@ class Scheduler:
         for slot in slots:
             self.state = self._reset(self.state, np.int32(slot))
 
-    def dispatch_tick(self, slot_ids: np.ndarray, x: np.ndarray, mask: np.ndarray) -> Any:
+    def dispatch_tick(self, slot_ids: np.ndarray, x: np.ndarray, lengths: np.ndarray) -> Any:
         """Starts one device call and returns its (not yet ready) outputs.
         `slot_ids` are sorted and padded to a bucket with an out-of-range
         slot. The new state is chained on the device, so a later tick may be
         dispatched before this one's outputs are fetched."""
         n = self.config.max_streams
         if len(slot_ids) == n and slot_ids[0] == 0 and slot_ids[-1] == n - 1:
-            self.state, y, y_mask = self._full(self.model.variables, self.state, x, mask)
+            self.state, y, y_mask = self._full(self._var_leaves, self.state, x, lengths)
         else:
             compiled = self._compiled[slot_ids.shape[0]]
-            self.state, y, y_mask = compiled(self.model.variables, self.state, slot_ids, x, mask)
+            self.state, y, y_mask = compiled(self._var_leaves, self.state, slot_ids, x, lengths)
         return y, y_mask
 
     def run_tick(
-        self, slot_ids: np.ndarray, x: np.ndarray, mask: np.ndarray
+        self, slot_ids: np.ndarray, x: np.ndarray, lengths: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """One device call, waited for; returns host outputs. For benchmarks."""
-        y, y_mask = self.dispatch_tick(slot_ids, x, mask)
+        y, y_mask = self.dispatch_tick(slot_ids, x, lengths)
         return np.asarray(y), np.asarray(y_mask)
 
     # The tick loop -----------------------------------------------------------
@@ -415,49 +451,64 @@ class Scheduler:
             pending = tick
 
     def _stage(self, batch: list[Session]) -> _Tick:
-        """Takes one chunk from each stream (under the lock) into fresh arrays."""
-        spec = self.model.input_spec
+        """Takes one chunk from each stream (under the lock) into staging arrays."""
         started_at = time.monotonic()
         host_start = time.perf_counter()
         waits = tuple(started_at - (s.ready_since or started_at) for s in batch)
         # Slot order lets a full-occupancy tick step rows in place.
-        batch.sort(key=lambda s: s.slot)
-        full = len(batch) == self.config.max_streams
-        bucket = len(batch) if full else next(b for b in self.buckets if b >= len(batch))
-        # Fresh host arrays every tick: on CPU, JAX may read numpy inputs in
-        # place while the tick runs, and with look-ahead and sharded slots
-        # several ticks can be reading at once.
-        x = np.zeros((bucket, self.chunk_frames, *spec.shape), spec.dtype)
-        mask = np.zeros((bucket, self.chunk_frames), np.bool_)
-        slots = np.full((bucket,), self.padding_slot, np.int32)
+        batch.sort(key=_slot_of)
+        n = len(batch)
+        full = n == self.config.max_streams
+        bucket = n if full else next(b for b in self.buckets if b >= n)
+        buffers = self._staging(bucket)
+        x, slots, taken = buffers.x, buffers.slots, buffers.taken
         new_streams = []
-        input_frames = 0
         for i, session in enumerate(batch):
-            input_frames += session._pop_chunk(x[i], mask[i])
+            taken[i] = session._pop_chunk(x[i])
             slots[i] = session.slot
             if session.reset_pending:
                 new_streams.append(session.slot)
                 session.reset_pending = False
-        tick = _Tick(batch, bucket, slots, x, mask, new_streams, started_at, waits, input_frames)
+        if n < bucket:  # padding rows: no stream, all invalid zeros
+            x[n:] = 0
+            taken[n:] = 0
+            slots[n:] = self.padding_slot
+        tick = _Tick(batch, bucket, buffers, new_streams, started_at, waits, int(taken.sum()))
         tick.host_seconds = time.perf_counter() - host_start
         return tick
+
+    def _staging(self, bucket: int) -> _Staging:
+        """Host arrays for one tick's inputs: reused once the tick that held
+        them is delivered, because until the device call has finished the
+        runtime may still read them (in place, on CPU)."""
+        free = self._free_staging.setdefault(bucket, [])
+        if free:
+            return free.pop()
+        spec = self.model.input_spec
+        return _Staging(
+            bucket=bucket,
+            x=aligned_zeros((bucket, self.chunk_frames, *spec.shape), spec.dtype),
+            slots=np.full((bucket,), self.padding_slot, np.int32),
+            taken=np.zeros((bucket,), np.int32),
+        )
 
     def _dispatch(self, tick: _Tick) -> None:
         start = time.perf_counter()
         try:
             self.reset_slots(tick.new_streams)
-            tick.outputs = self.dispatch_tick(tick.slots, tick.x, tick.mask)
+            staged = tick.staged
+            tick.outputs = self.dispatch_tick(staged.slots, staged.x, staged.taken)
         except Exception as e:  # a device failure ends these streams, not the server
             tick.error = e
             self._recover_state(e)
         tick.dispatched = time.perf_counter()
-        tick.host_seconds += tick.dispatched - start
+        tick.dispatch_seconds = tick.dispatched - start
 
     def _recover_state(self, error: Exception) -> None:
         """After a failed device call: if the donated state is gone, every
         stream's state is lost. Those streams end with the error, and the
         slots start over from a fresh state so the server keeps serving."""
-        if not any(leaf.is_deleted() for leaf in jax.tree.leaves(self.state)):
+        if not any(leaf.is_deleted() for leaf in self.state):
             return
         self.state = self._make_state()
         with self._cond:
@@ -473,6 +524,8 @@ class Scheduler:
             if tick.error is not None:
                 raise tick.error
             y, y_mask = (np.asarray(a) for a in tick.outputs)
+            # The device call is over: its inputs may be overwritten.
+            self._free_staging[tick.bucket].append(tick.staged)
         except Exception as e:
             with self._cond:
                 for session in tick.batch:
@@ -488,16 +541,17 @@ class Scheduler:
         # Device time: from when the device could start it (dispatched, and
         # the tick before it done) until its outputs were on the host.
         device_seconds = ready - max(tick.dispatched, self._last_ready)
+        idle_seconds = max(tick.dispatched - self._last_ready, 0.0) if self._last_ready else 0.0
         self._last_ready = ready
-        all_valid = y_mask.all(axis=1).tolist()
+        # Rows with an invalid frame need a boolean gather; the rest do not.
+        gather = (~y_mask.all(axis=1)).tolist()
         with self._cond:
             # Collect every stream's outputs, then wake each event loop
             # once: a thread-safe call per output costs a syscall each.
             self._outbox = {}
-            delivered = sum(
-                session._deliver(y[i], y_mask[i], valid)
-                for i, (session, valid) in enumerate(zip(tick.batch, all_valid, strict=False))
-            )
+            delivered = 0
+            for i, session in enumerate(tick.batch):
+                delivered += session._deliver(y[i], y_mask[i] if gather[i] else None)
             outbox, self._outbox = self._outbox, None
             # Still under the lock: anything a transport queues next (an
             # `Ended` after `end()`) must follow these outputs.
@@ -514,9 +568,11 @@ class Scheduler:
                 started_at=tick.started_at,
                 tick_seconds=device_seconds,
                 host_seconds=tick.host_seconds,
+                dispatch_seconds=tick.dispatch_seconds,
                 queue_wait_seconds=tick.waits,
                 input_frames=tick.input_frames,
                 output_frames=delivered,
+                device_idle_seconds=idle_seconds,
             )
         )
 
@@ -535,27 +591,36 @@ class Scheduler:
                 return None
             now = time.monotonic()
             timeout = self._reap(now)
-            ready = [s for s in self._sessions.values() if s.ready_since is not None]
+            # Every open stream has a slot, so all ready ones fit in one tick.
+            ready = []
+            # Streams that could still join this tick: open ones waiting on
+            # their client, not those blocked on output backpressure.
+            waiting = False
+            for s in self._sessions.values():
+                if s.ready_since is not None:
+                    ready.append(s)
+                elif not waiting:
+                    waiting = s.waiting_for_input
             if look_ahead:
-                if ready and not any(s.waiting_for_input for s in self._sessions.values()):
-                    return self._oldest(ready)
-                return []
+                return ready if ready and not waiting else []
             if ready:
-                # Streams that could still join this tick: open ones waiting on
-                # their client, not those blocked on output backpressure.
-                waiting = any(s.waiting_for_input for s in self._sessions.values())
                 oldest = min(s.ready_since for s in ready)  # type: ignore[type-var]
                 if not waiting or now - oldest >= delay:
-                    return self._oldest(ready)
+                    return ready
                 timeout = min(timeout, oldest + delay - now)
             self._cond.wait(timeout=max(timeout, 0.0005))
 
-    def _oldest(self, ready: list[Session]) -> list[Session]:
-        ready.sort(key=lambda s: s.ready_since)  # type: ignore[arg-type, return-value]
-        return ready[: self.config.max_streams]
-
     def _reap(self, now: float) -> float:
-        """Ends idle and stuck streams; returns seconds until the next may expire."""
+        """Ends idle and stuck streams; returns seconds until the next may
+        expire. Walks the streams at most every `_REAP_INTERVAL_S`: timeouts
+        are seconds long, and this runs before every tick."""
+        if now < self._next_reap:
+            return self._next_reap - now
+        next_check = self._reap_all(now)
+        self._next_reap = now + min(next_check, _REAP_INTERVAL_S)
+        return next_check
+
+    def _reap_all(self, now: float) -> float:
         cfg = self.config
         next_check = 1.0
         for session in list(self._sessions.values()):
@@ -590,6 +655,9 @@ class Scheduler:
             return [s.stream_id for s in self._sessions.values()]
 
 
+_slot_of = operator.attrgetter("slot")
+
+
 def parse_device(spec: str) -> jax.Device:
     """`"cpu:0"`, `"gpu:1"` (or `"cuda:1"`) -> a local device."""
     platform, _, index = spec.partition(":")
@@ -603,6 +671,23 @@ def parse_device(spec: str) -> jax.Device:
         ) from e
 
 
+# Longest a stream may outlive its idle or slow-consumer timeout.
+_REAP_INTERVAL_S = 0.05
+
+# XLA's CPU runtime reads a host array in place only if it is aligned to
+# 64 bytes; numpy aligns large arrays to 16 or 32, which costs a copy of
+# every tick's input on a runtime thread that competes with the step.
+_XLA_ALIGN = 64
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """`np.zeros`, with the data aligned so the CPU runtime need not copy it."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(nbytes + _XLA_ALIGN, np.uint8)
+    start = -raw.ctypes.data % _XLA_ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def _batch_axis(one: jax.ShapeDtypeStruct, two: jax.ShapeDtypeStruct) -> int:
     for axis, (a, b) in enumerate(itertools.zip_longest(one.shape, two.shape)):
         if a != b:
@@ -614,20 +699,29 @@ def _batch_axis(one: jax.ShapeDtypeStruct, two: jax.ShapeDtypeStruct) -> int:
 
 
 @dataclasses.dataclass
+class _Staging:
+    """Host input arrays of one tick, padded to its bucket."""
+
+    bucket: int
+    x: np.ndarray  # [bucket, chunk, *input_shape]
+    slots: np.ndarray  # [bucket] slot ids; padding rows hold an out-of-range id
+    taken: np.ndarray  # [bucket] valid frames per row: a prefix of each
+
+
+@dataclasses.dataclass
 class _Tick:
     """One tick from staging to delivery."""
 
     batch: list[Session]
     bucket: int
-    slots: np.ndarray
-    x: np.ndarray
-    mask: np.ndarray
+    staged: _Staging
     new_streams: list[int]
     started_at: float
     waits: tuple[float, ...]
     # Valid input frames staged (for the stats).
     input_frames: int
     host_seconds: float = 0.0
+    dispatch_seconds: float = 0.0
     dispatched: float = 0.0
     outputs: Any = None
     error: Exception | None = None

@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 _CANCELLED = object()
 
 
-@dataclasses.dataclass(frozen=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__,
+# and one Output is made per stream per tick on the tick thread.
+@dataclasses.dataclass(slots=True)
 class Output:
     """Valid output frames `[n, *output_shape]` (float32); `offset` is the index
     of the first one in the stream's output."""
@@ -45,7 +47,7 @@ class Output:
     received_at: float = 0.0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _InFlight:
     """One chunk of this stream inside a dispatched tick (ticks are delivered
     in dispatch order, so these form a FIFO)."""
@@ -87,6 +89,7 @@ class Session:
         self._input_shape = model.input_shape
         self._input_dtype = model.input_dtype
         self._chunk = scheduler.chunk_frames
+        self._max_backlog = scheduler.config.max_output_backlog
         self._buffer: deque[np.ndarray] = deque()
         self._buffered = 0
         # (input frames received so far, arrival time) per send, for latency.
@@ -233,8 +236,12 @@ class Session:
 
     def _update_ready(self) -> bool:
         """Sets `ready_since`; True if the stream just became ready."""
-        ready = self._has_chunk() and not self.done and len(self._in_flight) < MAX_IN_FLIGHT
-        ready = ready and self.backlog < self.scheduler.config.max_output_backlog
+        ready = (
+            not self.done
+            and len(self._in_flight) < MAX_IN_FLIGHT
+            and self.backlog < self._max_backlog
+            and self._has_chunk()
+        )
         if ready and self.ready_since is None:
             self.ready_since = time.monotonic()
             return True
@@ -252,57 +259,73 @@ class Session:
         """Open, not ready, and the reason is the client has not sent enough."""
         return not self.done and not self.ending and self._buffered < self._chunk
 
-    def _pop_chunk(self, out_values: np.ndarray, out_mask: np.ndarray) -> int:
-        """Writes the next chunk into `out_values [chunk, *c]` / `out_mask
-        [chunk]`, which arrive zeroed (fresh per tick): the tail past the
-        client's frames stays invalid zeros. Returns the valid frames taken."""
-        taken = 0
-        while taken < self._chunk and self._buffer:
-            head = self._buffer[0]
-            n = min(self._chunk - taken, head.shape[0])
-            out_values[taken : taken + n] = head[:n]
-            taken += n
-            if n == head.shape[0]:
-                self._buffer.popleft()
+    def _pop_chunk(self, out_values: np.ndarray) -> int:
+        """Writes the next chunk into `out_values [chunk, *c]` (a reused
+        staging row) and zeroes the part past the client's frames, which is
+        invalid. Returns the valid frames taken."""
+        chunk = self._chunk
+        buffer = self._buffer
+        head = buffer[0] if buffer else None
+        if head is not None and head.shape[0] >= chunk:
+            # The usual case: the oldest send covers the whole chunk.
+            out_values[:] = head[:chunk]
+            if head.shape[0] == chunk:
+                buffer.popleft()
             else:
-                self._buffer[0] = head[n:]
+                buffer[0] = head[chunk:]
+            taken = chunk
+        else:
+            taken = 0
+            while taken < chunk and buffer:
+                head = buffer[0]
+                n = min(chunk - taken, head.shape[0])
+                out_values[taken : taken + n] = head[:n]
+                taken += n
+                if n == head.shape[0]:
+                    buffer.popleft()
+                else:
+                    buffer[0] = head[n:]
+            out_values[taken:] = 0
+            self._flush_frames -= chunk - taken
         self._buffered -= taken
         self._consumed += taken
         # The newest frame this tick needs arrived with the first send that
         # reaches past it; a pure flush tick waits on `end` instead.
-        while self._arrivals and self._arrivals[0][0] < self._consumed:
-            self._arrivals.popleft()
-        received_at = self._arrivals[0][1] if taken and self._arrivals else self.last_activity
-        out_mask[:taken] = True
-        if taken < self._chunk:
-            self._flush_frames -= self._chunk - taken
+        arrivals = self._arrivals
+        while arrivals and arrivals[0][0] < self._consumed:
+            arrivals.popleft()
+        received_at = arrivals[0][1] if taken and arrivals else self.last_activity
         final = self.ending and self._buffered == 0 and self._flush_frames <= 0
         self._in_flight.append(_InFlight(received_at, final))
         self.ready_since = None
         self._update_ready()  # a second chunk may already be buffered
         return taken
 
-    def _deliver(self, values: np.ndarray, mask: np.ndarray, all_valid: bool = False) -> int:
+    def _deliver(self, values: np.ndarray, mask: np.ndarray | None = None) -> int:
         """Routes one tick's outputs `[chunk * ratio, *out]` for this stream;
-        returns the number of frames queued for the client. `all_valid` (every
-        frame of `mask` valid, the usual case) skips the boolean gather."""
+        returns the number of frames queued for the client. `mask` is None
+        when every frame is valid (the usual case: no boolean gather)."""
         chunk = self._in_flight.popleft()
         self.ticks += 1
         if self.done:
             return 0
-        drop = min(self._to_drop, values.shape[0])
-        self._to_drop -= drop
-        frames = values[drop:] if all_valid else values[drop:][mask[drop:]]
-        if frames.shape[0]:
+        if self._to_drop:
+            drop = min(self._to_drop, values.shape[0])
+            self._to_drop -= drop
+            values = values[drop:]
+            mask = None if mask is None else mask[drop:]
+        frames = values if mask is None else values[mask]
+        n = frames.shape[0]
+        if n:
             if self.first_output_at is None:
                 self.first_output_at = time.monotonic()
             self._put(Output(frames, self.frames_out, chunk.received_at))
-            self.frames_out += frames.shape[0]
+            self.frames_out += n
         if chunk.final:
             self._finish_locked(Ended(self.frames_in, self.frames_out, self.ticks), "ok")
         else:
             self._update_ready()
-        return int(frames.shape[0])
+        return n
 
     def _put(self, item: Output | Ended | StreamError) -> None:
         self.backlog += 1

@@ -24,6 +24,14 @@ class TickStats:
     input_frames: int
     # Valid output frames routed to clients (latency frames dropped).
     output_frames: int = 0
+    # How long the device sat idle before this tick: from the previous
+    # tick's outputs to this tick's dispatch (0 when it was dispatched ahead).
+    # Under a backlog that is host time the device waited for; otherwise it
+    # includes waiting for clients.
+    device_idle_seconds: float = 0.0
+    # Launching the device call (and resetting new streams' slots); the
+    # bare step pays the launch too, so it is not in `host_seconds`.
+    dispatch_seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
