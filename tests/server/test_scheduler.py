@@ -294,3 +294,43 @@ def test_device_failure_ends_its_streams_and_serving_goes_on(
 
     asyncio.run(main())
     assert small.active_streams == 0
+
+
+def test_slow_reader_pauses_its_stream_and_resumes_exactly() -> None:
+    # Backpressure: with 2 outputs allowed to wait, a reader slower than
+    # the device stops its stream's ticks (the backlog stays bounded), and
+    # each read lets it go on, without losing or reordering a frame.
+    from server.session import MAX_IN_FLIGHT
+
+    model = MODELS["upsample"]()
+    sched = Scheduler(
+        model,
+        SchedulerConfig(
+            max_streams=2, chunk_blocks=1, max_batch_delay_ms=1, buckets=(2,), max_output_backlog=2
+        ),
+    )
+    sched.start()
+    x = np.random.default_rng(5).normal(size=(40, 2)).astype(np.float32)
+
+    async def main() -> tuple[list[np.ndarray], int, bool]:
+        session = sched.open_stream(asyncio.get_running_loop())
+        session.send(x)
+        session.end()
+        frames, most, blocked = [], 0, False
+        async for item in session.outputs():
+            if isinstance(item, Output):
+                frames.append(item.frames)
+            await asyncio.sleep(0.01)
+            # Before the next read: the device has had time to fill the queue.
+            with sched.lock:
+                most = max(most, session.backlog)
+                blocked = blocked or session._blocked
+        return frames, most, blocked
+
+    try:
+        frames, most, blocked = asyncio.run(main())
+    finally:
+        sched.stop()
+    np.testing.assert_allclose(np.concatenate(frames), model.offline(x), rtol=1e-5, atol=1e-5)
+    assert blocked, (most, len(frames), sched.chunk_frames)
+    assert most <= 2 + MAX_IN_FLIGHT
