@@ -13,7 +13,7 @@ import sequence_layers as sl
 from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from server.model import ServableModel, init_variables
 from server.scheduler import Scheduler, SchedulerConfig, buckets_for
-from server.session import Ended, Output, Session
+from server.session import MAX_IN_FLIGHT, Ended, Output, Session
 from tests.server.streaming import drive
 
 
@@ -300,8 +300,6 @@ def test_slow_reader_pauses_its_stream_and_resumes_exactly() -> None:
     # Backpressure: with 2 outputs allowed to wait, a reader slower than
     # the device stops its stream's ticks (the backlog stays bounded), and
     # each read lets it go on, without losing or reordering a frame.
-    from server.session import MAX_IN_FLIGHT
-
     model = MODELS["upsample"]()
     sched = Scheduler(
         model,
@@ -312,11 +310,11 @@ def test_slow_reader_pauses_its_stream_and_resumes_exactly() -> None:
     sched.start()
     x = np.random.default_rng(5).normal(size=(40, 2)).astype(np.float32)
 
-    async def main() -> tuple[list[np.ndarray], int, bool]:
+    async def main() -> tuple[list[np.ndarray], int]:
         session = sched.open_stream(asyncio.get_running_loop())
         session.send(x)
         session.end()
-        frames, most, blocked = [], 0, False
+        frames, most = [], 0
         async for item in session.outputs():
             if isinstance(item, Output):
                 frames.append(item.frames)
@@ -324,13 +322,13 @@ def test_slow_reader_pauses_its_stream_and_resumes_exactly() -> None:
             # Before the next read: the device has had time to fill the queue.
             with sched.lock:
                 most = max(most, session.backlog)
-                blocked = blocked or session._blocked
-        return frames, most, blocked
+        return frames, most
 
     try:
-        frames, most, blocked = asyncio.run(main())
+        frames, most = asyncio.run(main())
     finally:
         sched.stop()
     np.testing.assert_allclose(np.concatenate(frames), model.offline(x), rtol=1e-5, atol=1e-5)
-    assert blocked, (most, len(frames), sched.chunk_frames)
-    assert most <= 2 + MAX_IN_FLIGHT
+    # The queue filled (the reader was the bottleneck) but stayed bounded:
+    # at most the chunks already on the device when it filled.
+    assert 2 <= most <= 2 + MAX_IN_FLIGHT
