@@ -27,6 +27,7 @@ import dataclasses
 import gc
 import itertools
 import operator
+import os
 import threading
 import time
 import uuid
@@ -445,7 +446,7 @@ class Scheduler:
                     tick = self._stage(batch)
                     self.look_ahead_ticks += pending is not None
             if tick is not None:
-                self._dispatch(tick)
+                self._dispatch(tick, device_idle=pending is None)
             if pending is not None:
                 self._complete(pending)
             pending = tick
@@ -492,8 +493,16 @@ class Scheduler:
             taken=np.zeros((bucket,), np.int32),
         )
 
-    def _dispatch(self, tick: _Tick) -> None:
+    def _dispatch(self, tick: _Tick, device_idle: bool = False) -> None:
         start = time.perf_counter()
+        if device_idle:
+            # This thread was most likely just woken by a stream's send, and
+            # often shares a core with the waking thread, which is still on
+            # its way to sleep. Launching at once puts the launch, that thread
+            # and XLA's compute threads on too few cores: on 2 cores the
+            # launch took 2.5 ms at p90 instead of 1.3. One yield first lets
+            # the waker get off the core.
+            _sched_yield()
         try:
             self.reset_slots(tick.new_streams)
             staged = tick.staged
@@ -725,6 +734,11 @@ class _Tick:
     dispatched: float = 0.0
     outputs: Any = None
     error: Exception | None = None
+
+
+def _sched_yield() -> None:
+    if hasattr(os, "sched_yield"):  # POSIX only
+        os.sched_yield()
 
 
 def _put_all(items: list[tuple[Any, Any]]) -> None:
