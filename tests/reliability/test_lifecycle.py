@@ -103,6 +103,7 @@ def test_open_abort_disconnect_cycles_leave_no_slot_and_flat_memory(
     after = rss_bytes(server)
     assert metric(server, "sl_streams_active") == 0
     assert after - before < 50 * 2**20, f"RSS grew {(after - before) / 2**20:.1f} MB"
+
     # Still serving correctly afterwards.
     async def check() -> np.ndarray:
         async with AsyncGrpcClient(server.grpc_target) as client:
