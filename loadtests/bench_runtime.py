@@ -85,6 +85,13 @@ def bare_steps(
     return times
 
 
+async def _drain(session: Any) -> None:
+    """Reads a stream's outputs until it ends (the outputs are not checked)."""
+    async for item in session.outputs():
+        if isinstance(item, Ended):
+            return
+
+
 def scheduler_seconds(
     scheduler: Scheduler, inputs: list[np.ndarray], ticks: list[TickStats]
 ) -> float:
@@ -94,15 +101,10 @@ def scheduler_seconds(
         ticks.clear()
         start = time.perf_counter()
 
-        async def consume(s: Any) -> None:
-            async for item in s.outputs():
-                if isinstance(item, Ended):
-                    return
-
         for s, x in zip(sessions, inputs, strict=True):
             s.send(x)
             s.end()
-        await asyncio.gather(*(consume(s) for s in sessions))
+        await asyncio.gather(*(_drain(s) for s in sessions))
         return time.perf_counter() - start
 
     return asyncio.run(main())
@@ -126,12 +128,7 @@ def paced_run(
         chunk = scheduler.chunk_frames
         chunks = inputs[0].shape[0] // chunk
 
-        async def consume(s: Any) -> None:
-            async for item in s.outputs():
-                if isinstance(item, Ended):
-                    return
-
-        consumers = [asyncio.create_task(consume(s)) for s in sessions]
+        consumers = [asyncio.create_task(_drain(s)) for s in sessions]
         start = loop.time()
         for k in range(count):
             at = k % chunks * chunk
@@ -218,7 +215,6 @@ def main() -> None:
             idle.extend(t.device_idle_seconds for t in full[1:])
     look_ahead = scheduler.look_ahead_ticks - look_ahead
     # Paced: a tick every three bare steps, so the device is idle when each starts.
-    paced: list[TickStats] = []
     period = 3 * float(np.median(raw_steps))
     paced_run(scheduler, inputs, ticks, period, args.paced_ticks)
     paced = [t for t in ticks if t.batch_size == n]

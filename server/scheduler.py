@@ -487,7 +487,6 @@ class Scheduler:
             return free.pop()
         spec = self.model.input_spec
         return _Staging(
-            bucket=bucket,
             x=aligned_zeros((bucket, self.chunk_frames, *spec.shape), spec.dtype),
             slots=np.full((bucket,), self.padding_slot, np.int32),
             taken=np.zeros((bucket,), np.int32),
@@ -711,7 +710,6 @@ def _batch_axis(one: jax.ShapeDtypeStruct, two: jax.ShapeDtypeStruct) -> int:
 class _Staging:
     """Host input arrays of one tick, padded to its bucket."""
 
-    bucket: int
     x: np.ndarray  # [bucket, chunk, *input_shape]
     slots: np.ndarray  # [bucket] slot ids; padding rows hold an out-of-range id
     taken: np.ndarray  # [bucket] valid frames per row: a prefix of each
@@ -736,9 +734,7 @@ class _Tick:
     error: Exception | None = None
 
 
-def _sched_yield() -> None:
-    if hasattr(os, "sched_yield"):  # POSIX only
-        os.sched_yield()
+_sched_yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)  # POSIX only
 
 
 def _put_all(items: list[tuple[Any, Any]]) -> None:

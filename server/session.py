@@ -265,26 +265,17 @@ class Session:
         invalid. Returns the valid frames taken."""
         chunk = self._chunk
         buffer = self._buffer
-        head = buffer[0] if buffer else None
-        if head is not None and head.shape[0] >= chunk:
-            # The usual case: the oldest send covers the whole chunk.
-            out_values[:] = head[:chunk]
-            if head.shape[0] == chunk:
+        taken = 0
+        while taken < chunk and buffer:
+            head = buffer[0]
+            n = min(chunk - taken, head.shape[0])
+            out_values[taken : taken + n] = head[:n]
+            taken += n
+            if n == head.shape[0]:
                 buffer.popleft()
             else:
-                buffer[0] = head[chunk:]
-            taken = chunk
-        else:
-            taken = 0
-            while taken < chunk and buffer:
-                head = buffer[0]
-                n = min(chunk - taken, head.shape[0])
-                out_values[taken : taken + n] = head[:n]
-                taken += n
-                if n == head.shape[0]:
-                    buffer.popleft()
-                else:
-                    buffer[0] = head[n:]
+                buffer[0] = head[n:]
+        if taken < chunk:  # the stream's last chunk: an invalid tail
             out_values[taken:] = 0
             self._flush_frames -= chunk - taken
         self._buffered -= taken
