@@ -4,12 +4,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint format clean system-deps
+.PHONY: serve test test-fast lint format clean system-deps lock
 
-$(STAMP): pyproject.toml
+# Installs are reproducible: exact versions with hashes from the lock files
+# (deploy/requirements/*.lock, refreshed by `make lock`), then this project
+# itself without resolving anything. pyproject.toml keeps lower bounds only,
+# for people who use the library in their own environments.
+LOCK := deploy/requirements/test.lock
+UV := uv==0.13.9
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 serve: $(STAMP)
@@ -27,6 +35,23 @@ system-deps:
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
+
+# The inner loop: the library and runtime tests, without the suites that
+# start server processes and browsers (those run in `make test`).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q -m "not e2e" $(PYTEST_ARGS)
+
+# Re-resolves the newest versions pyproject.toml allows and rewrites both
+# lock files (serve.lock: the server's own dependencies, for the Docker
+# image; test.lock: plus the test extra, for make serve/test and CI). Run
+# `make test` afterwards and commit the locks with what they changed.
+lock: $(STAMP)
+	$(BIN)/python -m pip install -q $(UV)
+	$(BIN)/uv pip compile pyproject.toml --extra test --generate-hashes --universal \
+	  --fork-strategy fewest --python-version 3.11 --upgrade -q -o deploy/requirements/test.lock
+	$(BIN)/uv pip compile pyproject.toml --generate-hashes --universal \
+	  --fork-strategy fewest --python-version 3.11 -c deploy/requirements/test.lock -q \
+	  -o deploy/requirements/serve.lock
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -2,6 +2,7 @@
 
 sl-models list
 sl-models export demo-asr ./models/demo-asr
+sl-models export --programs demo-asr ./models/demo-asr   # + jax.export step programs
 sl-offline demo-asr input.npy output.npy     # or a model directory
 """
 
@@ -32,9 +33,21 @@ def models_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sl-models", description="Built-in models.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the built-in models")
-    export = sub.add_parser("export", help="write a built-in model as a model directory")
-    export.add_argument("name", choices=sorted(BUILTIN_MODELS))
+    export = sub.add_parser(
+        "export", help="write a built-in model (or re-write a model directory) as a model directory"
+    )
+    export.add_argument("name", help=f"a built-in ({', '.join(sorted(BUILTIN_MODELS))}) or DIR")
     export.add_argument("directory")
+    export.add_argument(
+        "--programs",
+        action="store_true",
+        help="also write the streaming step as jax.export programs: the directory then "
+        "serves without the model's layer code, and starts without tracing it",
+    )
+    export.add_argument(
+        "--platforms",
+        help="platforms to export the programs for, e.g. cpu,cuda (default: this machine's)",
+    )
     args = parser.parse_args(argv)
     if args.command == "list":
         for name in sorted(BUILTIN_MODELS):
@@ -45,8 +58,15 @@ def models_main(argv: list[str] | None = None) -> int:
                 f"latency {info.input_latency}/{info.output_latency}\t{info.description}"
             )
         return 0
-    path = save_model_dir(BUILTIN_MODELS[args.name](), args.directory)
-    print(f"wrote {args.name} to {path}")
+    platforms = tuple(args.platforms.split(",")) if args.platforms else None
+    try:
+        model = resolve_model(args.name)
+        path = save_model_dir(model, args.directory, programs=args.programs, platforms=platforms)
+    except ModelLoadError as e:
+        print(f"sl-models: {e}", file=sys.stderr)
+        return 2
+    what = " with exported programs" if args.programs else ""
+    print(f"wrote {args.name} to {path}{what}")
     return 0
 
 

@@ -41,6 +41,7 @@ SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "tls_cert": str,
     "tls_key": str,
     "log_level": str,
+    "compile_cache_dir": str,
 }
 SCHEDULER_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_streams": int,

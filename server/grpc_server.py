@@ -280,14 +280,20 @@ class GrpcServer:
     async def start(self) -> None:
         await self.server.start()
 
-    async def set_serving(self, serving: bool) -> None:
+    async def set_serving(self, serving: bool, models: list[str] | None = None) -> None:
+        """The overall status ("" and the service name), and each model's in
+        `models`: a Health check with `service` = a model's name reports
+        that model, which serves before the others have compiled."""
+        await self.set_model_serving(["", SERVICE_NAME, *(models or [])], serving)
+
+    async def set_model_serving(self, names: list[str], serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        await self.health.set("", status)
-        await self.health.set(SERVICE_NAME, status)
+        for name in names:
+            await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
         await self.server.stop(grace)

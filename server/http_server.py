@@ -25,6 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 
 from server.errors import InvalidArgument, StreamError, Unauthenticated
+from server.model import ModelInfo
 from server.runtime import Runtime
 from server.session import Ended, Output, Session
 from server.stats import ChunkStats, ErrorStats
@@ -63,6 +64,10 @@ def create_app(
             hmac.compare_digest(candidate.encode(), k) for k in keys
         )
 
+    def model_json(info: ModelInfo) -> dict[str, Any]:
+        # `state` (compiling, ready, draining) is live, so not part of ModelInfo.
+        return {**info.to_json(), "state": runtime.model_state(info.name)}
+
     def error_body(error: StreamError) -> dict[str, str]:
         return {"type": "error", "code": error.code, "message": error.message}
 
@@ -70,12 +75,22 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: models compiled and not draining")
-    async def readyz() -> Response:
+    @app.get(
+        "/readyz",
+        summary="Readiness: every model compiled and not draining; `?model=NAME` asks "
+        "about one model, which serves as soon as its own programs are compiled",
+    )
+    async def readyz(model: str | None = None) -> Response:
+        states = {info.name: runtime.model_state(info.name) for info in runtime.list_models()}
+        if model is not None:
+            if model not in states:
+                return JSONResponse({"status": "unknown model", "model": model}, status_code=404)
+            ok = states[model] == "ready"
+            return JSONResponse({"status": states[model]}, status_code=200 if ok else 503)
         if runtime.ready:
-            return JSONResponse({"status": "ready"})
+            return JSONResponse({"status": "ready", "models": states})
         status = "draining" if runtime.draining else "starting"
-        return JSONResponse({"status": status}, status_code=503)
+        return JSONResponse({"status": status, "models": states}, status_code=503)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics_endpoint() -> Response:
@@ -95,14 +110,14 @@ def create_app(
     async def list_models(request: Request) -> Response:
         if denied := check_http_auth(request):
             return denied
-        return JSONResponse({"models": [i.to_json() for i in runtime.list_models()]})
+        return JSONResponse({"models": [model_json(i) for i in runtime.list_models()]})
 
     @app.get("/v1/models/{model}", summary="One model's streaming parameters")
     async def get_model(model: str, request: Request) -> Response:
         if denied := check_http_auth(request):
             return denied
         try:
-            return JSONResponse(runtime.get_model(model).to_json())
+            return JSONResponse(model_json(runtime.get_model(model)))
         except StreamError as e:
             report(e, "http", model)
             return JSONResponse(error_body(e), status_code=404)

@@ -5,12 +5,17 @@ A model directory holds:
   "name", "description", "input": {"shape": [...], "dtype": "float32"},
   "sample_rate", "config": <sequence_layers.serialization dict>}`
 - `params/`: an orbax checkpoint of the layer's variables.
+- optionally `programs/` (model.json `"programs"`): the step exported with
+  `jax.export` (see `server.programs`), so the model serves without its
+  layer code; version 2 of the format. `config` may then be absent or name
+  layer types this server cannot import.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from fractions import Fraction
@@ -23,9 +28,19 @@ import numpy as np
 
 import sequence_layers as sl
 from server.errors import ModelLoadError
+from server.programs import (
+    ExportedProgram,
+    LayerProgram,
+    PlatformMismatch,
+    StepSignature,
+    export_programs,
+    load_programs,
+)
+
+log = logging.getLogger("sl-serve")
 
 MODEL_FORMAT = "sequence_layers_serving.model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2
 _DTYPES = {"float32": np.float32, "int16": np.int16, "int32": np.int32}
 
 
@@ -62,16 +77,19 @@ class ServableModel:
     """A layer ready to serve: config, variables and metadata.
 
     `variables` is the Flax variable dict (`{"params": ...}`), possibly empty
-    for parameter-free models.
+    for parameter-free models. The step comes from `config`'s layer code, or
+    from `exported` programs (then `config` may be None): `program` is the
+    one the server runs.
     """
 
     name: str
-    config: sl.SequenceLayerConfig
+    config: sl.SequenceLayerConfig | None
     variables: dict[str, Any]
     input_shape: tuple[int, ...]
     input_dtype: str = "float32"
     sample_rate: int = 0
     description: str = ""
+    exported: ExportedProgram | None = None
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(d) for d in self.input_shape)
@@ -80,17 +98,38 @@ class ServableModel:
                 f"model {self.name!r}: input dtype {self.input_dtype!r} is not one of "
                 f"{sorted(_DTYPES)}."
             )
-        self.layer = self.config.make()
-        if not self.layer.supports_step:
+        self.layer: sl.SequenceLayer | None = None
+        if self.config is not None:
+            self.layer = self.config.make()
+            if not self.layer.supports_step:
+                raise ModelLoadError(
+                    f"model {self.name!r}: its layer does not support step(), so it cannot stream."
+                )
+        if self.exported is not None:
+            self.program: LayerProgram | ExportedProgram = self.exported
+        elif self.layer is not None:
+            self.program = LayerProgram(self.layer, self.input_spec)
+        else:
+            raise ModelLoadError(f"model {self.name!r} has neither a config nor programs.")
+        self.signature: StepSignature = self.program.signature
+        ratio, block = self.signature.output_ratio, self.signature.block_size
+        if (block * ratio).denominator != 1:
             raise ModelLoadError(
-                f"model {self.name!r}: its layer does not support step(), so it cannot stream."
-            )
-        ratio = self.layer.output_ratio
-        if (self.layer.block_size * ratio).denominator != 1:
-            raise ModelLoadError(
-                f"model {self.name!r}: block_size {self.layer.block_size} times output_ratio "
+                f"model {self.name!r}: block_size {block} times output_ratio "
                 f"{ratio} is not a whole number of frames."
             )
+
+    @property
+    def block_size(self) -> int:
+        return self.signature.block_size
+
+    @property
+    def output_ratio(self) -> Fraction:
+        return self.signature.output_ratio
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(self.variables))
 
     @property
     def input_spec(self) -> sl.ChannelSpec:
@@ -100,34 +139,58 @@ class ServableModel:
 
     @property
     def output_spec(self) -> sl.ChannelSpec:
-        return self.layer.get_output_spec(self.input_spec)
+        sig = self.signature
+        return sl.ChannelSpec(sig.output_shape, jnp.dtype(sig.output_dtype))
 
     def info(self, max_streams: int = 0) -> ModelInfo:
-        out = self.output_spec
+        sig = self.signature
         return ModelInfo(
             name=self.name,
             description=self.description,
             input_shape=self.input_shape,
             input_dtype=self.input_dtype,
-            output_shape=tuple(out.shape),
+            output_shape=sig.output_shape,
             output_dtype="float32",
             sample_rate=self.sample_rate,
-            block_size=self.layer.block_size,
-            output_ratio=self.layer.output_ratio,
-            input_latency=self.layer.input_latency,
-            output_latency=self.layer.output_latency,
+            block_size=sig.block_size,
+            output_ratio=sig.output_ratio,
+            input_latency=sig.input_latency,
+            output_latency=sig.output_latency,
             max_streams=max_streams,
         )
 
     def offline(self, x: np.ndarray) -> np.ndarray:
         """`layer()` on one whole input `[frames, *input_shape]`; returns the
         valid output frames `[n, *output_shape]` as float32. The oracle that
-        streaming must match."""
+        streaming must match. A model served from exported programs alone
+        runs them over the whole input instead (equal by the contract)."""
         values = jnp.asarray(prepare_input(x, self.input_dtype))[None]
+        if self.layer is None:
+            return self._offline_by_steps(values)
         seq = sl.Sequence.from_values(values)
         y = _offline_fn(self.layer)(self.variables, seq)
         mask = np.asarray(y.mask[0])
         return np.asarray(y.values[0], np.float32)[mask]
+
+    def _offline_by_steps(self, values: jax.Array) -> np.ndarray:
+        # The contract: layer(x) == step over x padded with input_latency
+        # invalid frames, minus the first output_latency outputs.
+        sig, program = self.signature, self.program
+        frames, block = values.shape[1], sig.block_size
+        total = round_up(frames + sig.input_latency, block)
+        x = jnp.pad(values, [(0, 0), (0, total - frames)] + [(0, 0)] * (values.ndim - 2))
+        blocks = x.reshape(total // block, 1, block, *x.shape[2:])
+        masks = (jnp.arange(total) < frames).reshape(total // block, 1, block)
+
+        def body(state: Any, block_in: tuple[jax.Array, jax.Array]) -> tuple[Any, Any]:
+            state, y, y_mask = program.step(self.variables, state, *block_in)
+            return state, (y[0], y_mask[0])
+
+        state = program.initial_state(self.variables, 1)
+        _, (y, y_mask) = jax.jit(lambda s: jax.lax.scan(body, s, (blocks, masks)))(state)
+        y = np.asarray(y).reshape(-1, *sig.output_shape)[sig.output_latency :]
+        y_mask = np.asarray(y_mask).reshape(-1)[sig.output_latency :]
+        return y[y_mask].astype(np.float32)
 
 
 _OFFLINE_CACHE: dict[int, Any] = {}
@@ -190,23 +253,38 @@ def init_variables(
 # Model directories ---------------------------------------------------------
 
 
-def save_model_dir(model: ServableModel, directory: str | os.PathLike[str]) -> Path:
-    """Writes `model.json` and the orbax checkpoint under `directory`."""
+def save_model_dir(
+    model: ServableModel,
+    directory: str | os.PathLike[str],
+    programs: bool = False,
+    platforms: tuple[str, ...] | None = None,
+) -> Path:
+    """Writes `model.json` and the orbax checkpoint under `directory`; with
+    `programs`, also the step exported with `jax.export` (`platforms`:
+    default this process's), so the directory serves without layer code."""
     import orbax.checkpoint as ocp
 
     from sequence_layers import serialization
 
+    if model.layer is None or model.config is None:
+        raise ModelLoadError(f"model {model.name!r} has no layer code to save or export.")
     path = Path(directory).absolute()
     path.mkdir(parents=True, exist_ok=True)
-    doc = {
+    doc: dict[str, Any] = {
         "format": MODEL_FORMAT,
-        "version": MODEL_VERSION,
+        # Version 1 unless programs need 2: older servers keep reading it.
+        "version": 1,
         "name": model.name,
         "description": model.description,
         "input": {"shape": list(model.input_shape), "dtype": model.input_dtype},
         "sample_rate": model.sample_rate,
         "config": serialization.to_dict(model.config),
     }
+    if programs:
+        doc["version"] = 2
+        doc["programs"] = export_programs(
+            model.layer, model.variables, model.input_spec, path, platforms
+        )
     (path / "model.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     if _leaf_count(model.variables):
         with ocp.StandardCheckpointer() as ckpt:
@@ -215,9 +293,13 @@ def save_model_dir(model: ServableModel, directory: str | os.PathLike[str]) -> P
 
 
 def load_model_dir(directory: str | os.PathLike[str], name: str | None = None) -> ServableModel:
-    """Loads a model directory, validating it; errors name the file and the fix."""
-    from sequence_layers import serialization
+    """Loads a model directory, validating it; errors name the file and the fix.
 
+    With exported programs that run on this platform, the model serves from
+    them (no tracing of layer code; a config naming layer types this process
+    cannot import is fine). Programs for another platform are skipped with a
+    warning when the config can be served instead.
+    """
     path = Path(directory).absolute()
     meta_path = path / "model.json"
     if not path.is_dir():
@@ -242,43 +324,115 @@ def load_model_dir(directory: str | os.PathLike[str], name: str | None = None) -
             f"{MODEL_VERSION}); upgrade the server."
         )
     try:
-        config = serialization.from_dict(doc["config"])
+        input_shape = tuple(int(d) for d in doc["input"]["shape"])
+        input_dtype = doc["input"].get("dtype", "float32")
+        config, config_error = _load_config(doc, meta_path)
+        exported = _load_exported(path, doc, input_shape, input_dtype, config_error)
+        if config is None and exported is None:
+            raise ModelLoadError(f"{meta_path}: {config_error}")
         model = ServableModel(
             name=name or doc.get("name") or path.name,
-            config=config,
+            config=config if exported is None else None,
             variables={},
-            input_shape=tuple(doc["input"]["shape"]),
-            input_dtype=doc["input"].get("dtype", "float32"),
+            input_shape=input_shape,
+            input_dtype=input_dtype,
             sample_rate=int(doc.get("sample_rate", 0)),
             description=doc.get("description", ""),
+            exported=exported,
         )
+        if exported is not None and config is not None:
+            # Programs serve; the layer stays for `layer()` (sl-offline).
+            model.config, model.layer = config, config.make()
     except KeyError as e:
         raise ModelLoadError(f"{meta_path}: missing field {e}.") from e
     except (ValueError, TypeError) as e:
         raise ModelLoadError(f"{meta_path}: {e}") from e
+    model.variables = _restore_params(path / "params", model)
+    return model
 
-    expected = jax.eval_shape(
-        lambda: init_variables(model.config, model.input_shape, input_dtype=model.input_dtype)
-    )
-    if not _leaf_count(expected):
-        return model
-    params_path = path / "params"
-    if not params_path.exists():
-        raise ModelLoadError(f"{params_path} is missing: the model has parameters to restore.")
+
+def _load_config(doc: dict[str, Any], meta_path: Path) -> tuple[Any, str]:
+    """(config, "") or (None, why not): a config naming layer types this
+    process cannot import is an error only without exported programs."""
+    from sequence_layers import serialization
+
+    try:
+        return serialization.from_dict(doc["config"]), ""
+    except KeyError:
+        return None, "missing field 'config' (and no exported programs)."
+    except (ValueError, TypeError, ImportError) as e:
+        return None, str(e)
+
+
+def _load_exported(
+    path: Path,
+    doc: dict[str, Any],
+    input_shape: tuple[int, ...],
+    input_dtype: str,
+    config_error: str,
+) -> ExportedProgram | None:
+    if "programs" not in doc:
+        return None
+    dtype = jnp.int32 if input_dtype == "int32" else jnp.float32
+    try:
+        return load_programs(path, doc["programs"], sl.ChannelSpec(input_shape, dtype))
+    except PlatformMismatch as e:
+        if config_error:
+            raise ModelLoadError(
+                f"{e} The layer code cannot be served instead: {config_error}"
+            ) from e
+        log.warning("%s Serving %s from its layer code instead.", e, path)
+        return None
+
+
+def _restore_params(params_path: Path, model: ServableModel) -> dict[str, Any]:
+    """The checkpoint, checked against what the layer code (or, without it,
+    the exported step) takes; {} for a model without parameters."""
     import orbax.checkpoint as ocp
 
+    if model.config is not None:
+        expected = jax.eval_shape(
+            lambda: init_variables(model.config, model.input_shape, input_dtype=model.input_dtype)
+        )
+        if not _leaf_count(expected):
+            return {}
+    elif not params_path.exists() and not model.program.variable_specs:  # type: ignore[union-attr]
+        return {}
+    if not params_path.exists():
+        raise ModelLoadError(f"{params_path} is missing: the model has parameters to restore.")
     with ocp.StandardCheckpointer() as ckpt:
         try:
             metadata = ckpt.metadata(params_path)
             tree = getattr(metadata, "item_metadata", metadata)
             tree = getattr(tree, "tree", tree)
-            _check_tree_matches(expected, tree, params_path)
-            model.variables = ckpt.restore(params_path, expected)
+            if model.config is None:
+                expected = _specs_from_metadata(tree)
+                _check_leaves_match(model.program.variable_specs, expected, params_path)  # type: ignore[union-attr]
+            else:
+                _check_tree_matches(expected, tree, params_path)
+            return dict(ckpt.restore(params_path, expected))
         except ModelLoadError:
             raise
         except Exception as e:  # orbax raises many types; name the file.
             raise ModelLoadError(f"{params_path}: could not restore checkpoint: {e}") from e
-    return model
+
+
+def _specs_from_metadata(tree: Any) -> Any:
+    def spec(leaf: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+
+    return jax.tree.map(spec, tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+def _check_leaves_match(expected: list[Any], stored: Any, where: Path) -> None:
+    got = jax.tree.leaves(stored)
+    if len(got) != len(expected) or any(
+        tuple(g.shape) != tuple(e.shape) for g, e in zip(got, expected, strict=False)
+    ):
+        raise ModelLoadError(
+            f"{where}: checkpoint does not match the exported programs: "
+            f"{[tuple(g.shape) for g in got][:5]} vs {[tuple(e.shape) for e in expected][:5]}."
+        )
 
 
 def _leaf_count(tree: Any) -> int:

@@ -13,6 +13,8 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,14 +43,40 @@ class Runtime:
             self.schedulers[name] = Scheduler(model, cfg, stats_sink=stats_sink)
         self.draining = False
 
-    def start(self) -> None:
-        """Compiles every model's ticks; `ready` is True afterwards."""
-        for scheduler in self.schedulers.values():
-            scheduler.start()
+    def start(self, on_ready: Callable[[str], None] | None = None) -> None:
+        """Compiles every model's ticks; each model serves as soon as its own
+        programs are ready (`on_ready(name)` is called then), and `ready` is
+        True once all are.
+
+        Models compile two at a time, fewest parameters first: XLA releases
+        the GIL while it compiles, so a second core halves a cold start, and
+        small models (logmel: seconds) do not wait behind big ones.
+        """
+        order = sorted(self.schedulers, key=lambda n: self.schedulers[n].model.parameter_count)
+
+        def start_one(name: str) -> None:
+            self.schedulers[name].start()
+            if on_ready is not None and self.schedulers[name].ready:
+                on_ready(name)
+
+        workers = max(1, min(len(order), 2, os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
+            for future in [pool.submit(start_one, name) for name in order]:
+                future.result()
 
     @property
     def ready(self) -> bool:
         return not self.draining and all(s.ready for s in self.schedulers.values())
+
+    def model_state(self, name: str) -> str:
+        """`compiling`, `ready` or `draining`: what `/v1/models` shows."""
+        scheduler = self._scheduler(name)
+        if self.draining:
+            return "draining"
+        return "ready" if scheduler.ready else "compiling"
+
+    def model_ready(self, name: str) -> bool:
+        return self.model_state(name) == "ready"
 
     def stop(self) -> None:
         for scheduler in self.schedulers.values():

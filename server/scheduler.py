@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import sequence_layers as sl
 from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from server.model import ModelInfo, ServableModel, round_up
 from server.session import Session
@@ -97,9 +96,8 @@ class Scheduler:
     ) -> None:
         self.model = model
         self.config = config or SchedulerConfig()
-        self.layer = model.layer
-        self.chunk_frames = self.config.chunk_blocks * self.layer.block_size
-        ratio = self.layer.output_ratio
+        self.chunk_frames = self.config.chunk_blocks * model.block_size
+        ratio = model.output_ratio
         if (self.chunk_frames * ratio).denominator != 1:
             raise ValueError(f"chunk of {self.chunk_frames} frames gives a fractional output.")
         self.out_chunk_frames = int(self.chunk_frames * ratio)
@@ -217,10 +215,8 @@ class Scheduler:
     # Device state and ticks --------------------------------------------------
 
     def _build_state(self) -> None:
-        layer, spec = self.layer, self.model.input_spec
-        init = lambda b: layer.apply(
-            self.model.variables, b, spec, training=False, method=layer.get_initial_state
-        )
+        program = self.model.program
+        init = lambda b: program.initial_state(self.model.variables, b)
         one, two = jax.eval_shape(lambda: init(1)), jax.eval_shape(lambda: init(2))
         self._batch_axes = jax.tree.map(_batch_axis, one, two)
         devices = jax.local_devices()
@@ -267,7 +263,7 @@ class Scheduler:
     def _tick_fns(self) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
         """(partial tick, full tick, reset one slot) on flat leaves, all pure
         functions of the state so jit can donate it and update in place."""
-        layer, axes, init_one = self.layer, self._batch_axes, self._init_one
+        program, axes, init_one = self.model.program, self._batch_axes, self._init_one
         n = self.config.max_streams
 
         frame_index = jnp.arange(self.chunk_frames, dtype=jnp.int32)
@@ -278,12 +274,8 @@ class Scheduler:
             # here from per-row lengths instead of sent with every tick.
             mask = frame_index[None, :] < lengths[:, None]
             # Sessions zero every invalid frame (chunk tails, flush, padding
-            # rows), so the input is a MaskedSequence: layers skip re-masking
-            # it (measured 5% of a demo-asr tick).
-            y, new = layer.apply(
-                variables, sl.MaskedSequence(x, mask), state, training=False, method=layer.step
-            )
-            return new, y.values.astype(jnp.float32), y.mask
+            # rows): the program steps x as a MaskedSequence.
+            return program.step(variables, state, x, mask)
 
         def partial_tick(variables, state, slot_ids, x, lengths):  # type: ignore[no-untyped-def]
             # Some slots: gather their rows, step, scatter back. Rows not in

@@ -26,6 +26,7 @@ from typing import Any
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from server.compile_cache import enable_compile_cache
 from server.config_file import ConfigFileError, load_config_file, scheduler_config
 from server.defaults import BUILTIN_MODELS
 from server.errors import ModelLoadError
@@ -59,6 +60,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "tls_cert": None,
     "tls_key": None,
     "log_level": "info",
+    # None: $SL_COMPILE_CACHE_DIR or ~/.cache/sequence-layers-serving/jax.
+    "compile_cache_dir": None,
 }
 
 
@@ -90,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="PEM certificate (gRPC and HTTPS/WSS)")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--log-level")
+    p.add_argument(
+        "--compile-cache-dir",
+        help="JAX persistent compilation cache: a restart with unchanged models reads the "
+        "compiled programs back instead of compiling (default: $SL_COMPILE_CACHE_DIR or "
+        "~/.cache/sequence-layers-serving/jax; 'off' disables)",
+    )
     return p
 
 
@@ -178,6 +187,8 @@ async def serve(args: argparse.Namespace) -> int:
 
     settings = resolve_settings(args)
     cfg = settings.server
+    cache = enable_compile_cache(cfg["compile_cache_dir"])
+    log.info("compile cache: %s", cache or "off")
     models = settings.models
     runtime = Runtime(models, settings.schedulers, stats_sink=record)
     metrics.attach(runtime)
@@ -213,7 +224,13 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     log.info("compiling %s", ", ".join(models))
-    compile_task = loop.run_in_executor(None, runtime.start)
+    started = loop.time()
+
+    def model_ready(name: str) -> None:  # on a compile thread
+        log.info("model %s ready in %.1f s", name, loop.time() - started)
+        asyncio.run_coroutine_threadsafe(grpc_server.set_model_serving([name], True), loop)
+
+    compile_task = loop.run_in_executor(None, runtime.start, model_ready)
     await asyncio.wait(
         [asyncio.ensure_future(compile_task), asyncio.ensure_future(stop.wait())],
         return_when=asyncio.FIRST_COMPLETED,
@@ -222,7 +239,8 @@ async def serve(args: argparse.Namespace) -> int:
         compile_task.result()
         await grpc_server.set_serving(True)
         log.info(
-            "ready: grpc %s:%d, http %s:%d",
+            "ready in %.1f s: grpc %s:%d, http %s:%d",
+            loop.time() - started,
             cfg["host"],
             grpc_server.port,
             cfg["host"],
@@ -236,7 +254,7 @@ async def serve(args: argparse.Namespace) -> int:
     # Drain: refuse new streams, let streams in flight finish, then end them.
     log.info("draining for up to %.1f s", cfg["drain_seconds"])
     runtime.drain()
-    await grpc_server.set_serving(False)
+    await grpc_server.set_serving(False, list(models))
     deadline = loop.time() + cfg["drain_seconds"]
     while runtime.active_streams and loop.time() < deadline:
         streams_changed.clear()

@@ -7,6 +7,10 @@ how users test their own layers:
     >>> layer = init_and_bind(m, x)          # or m.bind(m.init(key, x))
     >>> y = verify_contract(layer, x)        # raises AssertionError on a violation
 
+Floats are compared under one tolerance policy (`tolerances`,
+`assert_allclose`): relative AND absolute tolerance, the absolute one scaled
+to the values' magnitude, never `rtol` alone (fails near zero on other CPUs).
+
 It checks, in this order (each failure raises AssertionError naming its check
 and showing the values):
 
@@ -44,9 +48,11 @@ from sequence_layers.testing._compare import _fail as _fail
 from sequence_layers.testing._compare import _frame as _frame
 from sequence_layers.testing._compare import _is_full_precision as _is_full_precision
 from sequence_layers.testing._compare import _rows as _rows
+from sequence_layers.testing._compare import assert_allclose as assert_allclose
 from sequence_layers.testing._compare import assert_sequences_close as assert_sequences_close
 from sequence_layers.testing._compare import get_grad_tols as get_grad_tols
 from sequence_layers.testing._compare import standard_dtype_configs as standard_dtype_configs
+from sequence_layers.testing._compare import tolerances as tolerances
 from sequence_layers.testing._contract import verify_contract as verify_contract
 from sequence_layers.testing._harness import _FAST_COMPILE_OPTIONS as _FAST_COMPILE_OPTIONS
 from sequence_layers.testing._harness import _copy as _copy
@@ -76,10 +82,12 @@ from sequence_layers.testing._receptive_field import _rf_probe as _rf_probe
 from sequence_layers.testing._receptive_field import _RfProbe as _RfProbe
 
 __all__ = [
+    "assert_allclose",
     "assert_sequences_close",
     "get_grad_tols",
     "init_and_bind",
     "random_sequence",
     "standard_dtype_configs",
+    "tolerances",
     "verify_contract",
 ]

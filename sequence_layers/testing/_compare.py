@@ -72,6 +72,76 @@ def _is_full_precision(dtype: Any) -> bool:
     return jnp.finfo(dtype).bits >= 32
 
 
+# Tolerances ------------------------------------------------------------------
+#
+# The policy, written once: floats are compared with BOTH a relative and an
+# absolute tolerance, the absolute one scaled to the magnitude of the values.
+# `rtol` alone fails on values near zero: the same XLA program on Intel and AMD
+# CPUs (different vector widths, FMA contraction and reduction orders) gives
+# results a few float32 ulps of the *inputs* apart, which is a huge relative
+# error on an output that happens to be 1e-8. The error a float computation
+# makes is relative to the magnitude of what it combined, so the absolute
+# tolerance is `rtol * scale`, where `scale` defaults to the largest |expected|
+# (pass the inputs' magnitude instead when the result cancels large terms).
+
+# Relative tolerance per dtype: float32 ~ 80 ulps, half-precision types ~ 2-3
+# ulps of bf16, float64 for NumPy oracles.
+_RTOL = {2: 2e-2, 4: 1e-5, 8: 1e-10}
+
+
+def tolerances(dtype: Any = np.float32, scale: float = 1.0) -> dict[str, float]:
+    """`{"rtol", "atol"}` for comparing values of `dtype` of magnitude ~`scale`.
+
+    >>> tolerances(np.float32, scale=10.0)
+    {'rtol': 1e-05, 'atol': 0.0001}
+    """
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        return {"rtol": 0.0, "atol": 0.0}
+    # finfo of a complex dtype describes its real part (complex64 -> 32 bits).
+    rtol = _RTOL.get(jnp.finfo(dtype).bits // 8, 1e-5)
+    return {"rtol": rtol, "atol": rtol * max(float(scale), np.finfo(np.float32).tiny)}
+
+
+def assert_allclose(
+    actual: Any,
+    desired: Any,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    scale: float | None = None,
+    dtype: Any = None,
+    err_msg: str = "",
+) -> None:
+    """`np.testing.assert_allclose` under the tolerance policy above.
+
+    Defaults come from `tolerances(dtype, scale)`: `dtype` defaults to the
+    narrower float dtype of the two arrays (exact for integers), `scale` to
+    max |desired| (at least 1e-3, so all-zero expectations still get a
+    float-sized tolerance). An explicit `rtol` also scales the default `atol`
+    (`atol = rtol * scale`).
+    """
+    if dtype is None:
+        # The narrower float of the two bounds the precision of the result
+        # (a float32 result against a float64 NumPy oracle is a float32 check).
+        floats = [
+            jnp.dtype(np.asarray(v).dtype)
+            for v in (actual, desired)
+            if jnp.issubdtype(np.asarray(v).dtype, jnp.inexact)
+        ]
+        dtype = min(floats, key=lambda t: jnp.finfo(t).bits) if floats else np.int64
+    a, d = _np(actual), _np(desired)
+    if scale is None:
+        finite = np.abs(d[np.isfinite(d)]) if d.size else np.zeros(0)
+        scale = max(float(finite.max()) if finite.size else 0.0, 1e-3)
+    tol = tolerances(dtype, scale)
+    if rtol is not None:
+        tol = {"rtol": rtol, "atol": rtol * scale}
+    if atol is not None:
+        tol["atol"] = atol
+    np.testing.assert_allclose(a, d, err_msg=err_msg, equal_nan=True, **tol)
+
+
 # Comparisons -----------------------------------------------------------------
 
 

@@ -23,9 +23,12 @@ import websockets
 from tests.server.serving import ROOT, free_port, running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (make test installs it as root)"
-)
+pytestmark = [
+    pytest.mark.e2e,  # starts a server and a browser: not in `make test-fast`
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="chromium is not installed (make test installs it as root)"
+    ),
+]
 
 
 def write_wav(path: Path, seconds: float, rate: int = 16000) -> None:

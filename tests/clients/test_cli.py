@@ -24,6 +24,8 @@ from loadtests import loadtest as lt
 from server.cli import offline_main
 from tests.server.serving import ROOT, ServerProcess, running_server
 
+pytestmark = pytest.mark.e2e  # starts server processes: not in `make test-fast`
+
 BIN = Path(sys.executable).parent
 RATE = 16000
 

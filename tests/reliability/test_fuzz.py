@@ -10,6 +10,7 @@ import urllib.request
 
 import grpc
 import numpy as np
+import pytest
 import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,6 +19,8 @@ from clients.client import AsyncGrpcClient, chunked, collect
 from protos import streaming_pb2 as pb
 from server.defaults import logmel
 from tests.server.serving import ServerProcess
+
+pytestmark = pytest.mark.e2e  # starts server processes: not in `make test-fast`
 
 PINNED_GRPC = {
     grpc.StatusCode.OK,

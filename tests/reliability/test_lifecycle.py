@@ -14,6 +14,7 @@ import time
 
 import grpc
 import numpy as np
+import pytest
 import websockets
 
 from clients.client import AsyncGrpcClient, chunked, collect
@@ -21,6 +22,8 @@ from protos import streaming_pb2 as pb
 from protos import streaming_pb2_grpc as pb_grpc
 from tests.reliability.conftest import metric, rss_bytes
 from tests.server.serving import ServerProcess
+
+pytestmark = pytest.mark.e2e  # starts server processes: not in `make test-fast`
 
 WAVE = (np.random.default_rng(0).normal(size=(16000, 1)) * 0.1).astype(np.float32)
 

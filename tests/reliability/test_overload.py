@@ -9,10 +9,13 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 
 from clients.client import AsyncGrpcClient, StreamingError, chunked, collect
 from server.defaults import logmel
 from tests.server.serving import ServerProcess
+
+pytestmark = pytest.mark.e2e  # starts server processes: not in `make test-fast`
 
 WAVE = (np.random.default_rng(3).normal(size=(12800, 1)) * 0.1).astype(np.float32)
 

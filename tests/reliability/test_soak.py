@@ -9,10 +9,13 @@ import json
 import time
 
 import numpy as np
+import pytest
 import websockets
 
 from tests.reliability.conftest import metric
 from tests.server.serving import running_server
+
+pytestmark = pytest.mark.e2e  # starts server processes: not in `make test-fast`
 
 
 async def _client(url: str, until: float, stats: dict[str, int]) -> None:

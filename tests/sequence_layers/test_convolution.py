@@ -305,7 +305,7 @@ def test_weight_norm_option_preserves_initial_function() -> None:
     normed = plain.copy(use_weight_norm=True)
     params = plain.make().init(jax.random.PRNGKey(0), x)
     params_wn = normed.make().init(jax.random.PRNGKey(0), x)
-    np.testing.assert_allclose(
+    testing.assert_allclose(
         np.asarray(params_wn["params"]["scale"]),
         np.linalg.norm(np.asarray(params["params"]["kernel"]).reshape(-1, 4), axis=0),
         rtol=1e-6,

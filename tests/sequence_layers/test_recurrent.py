@@ -185,7 +185,7 @@ def test_invalid_frames_keep_state(cls: Any) -> None:
     )
     y_mixed = layer.layer(mixed, training=False)
     y_plain = layer.layer(x, training=False)
-    np.testing.assert_allclose(
+    testing.assert_allclose(
         np.asarray(y_mixed.values[:, 5:]), np.asarray(y_plain.values[:, 2:]), rtol=1e-6
     )
 

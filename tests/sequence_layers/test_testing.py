@@ -540,3 +540,40 @@ def test_init_and_bind() -> None:
         layer.variables["params"]["kernel"], randomized.variables["params"]["kernel"]
     )
     assert randomized.output_ratio == Fraction(1)
+
+
+# Tolerance policy -------------------------------------------------------------
+
+
+def test_tolerances_scale_atol_with_magnitude_and_dtype() -> None:
+    assert testing.tolerances(np.float32) == {"rtol": 1e-5, "atol": 1e-5}
+    assert testing.tolerances(np.float32, scale=100.0)["atol"] == pytest.approx(1e-3)
+    assert testing.tolerances(jnp.bfloat16)["rtol"] == 2e-2
+    assert testing.tolerances(np.float64)["rtol"] == 1e-10
+    assert testing.tolerances(np.complex64)["rtol"] == 1e-5
+    assert testing.tolerances(np.int32) == {"rtol": 0.0, "atol": 0.0}
+
+
+def test_assert_allclose_accepts_cpu_noise_near_zero() -> None:
+    # The AMD-vs-Intel case: a value near zero off by a few ulps of the
+    # values around it is equal; rtol alone would call it 8e-6 relative error.
+    expected = np.array([0.5, -0.25, 1.8e-9], np.float32)
+    actual = expected + np.array([0, 0, 1.5e-8], np.float32)
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(actual, expected, rtol=1e-6)
+    testing.assert_allclose(actual, expected)
+    testing.assert_allclose(actual, expected, rtol=1e-6)
+
+
+def test_assert_allclose_still_catches_real_differences() -> None:
+    expected = np.array([0.5, -0.25, 0.0], np.float32)
+    with pytest.raises(AssertionError):
+        testing.assert_allclose(expected + np.float32(1e-3), expected)
+    with pytest.raises(AssertionError):  # integers compare exactly
+        testing.assert_allclose(np.array([1, 2]), np.array([1, 3]))
+    # A float32 result against a float64 oracle is a float32 comparison.
+    oracle = np.array([1.0, 2.0], np.float64)
+    testing.assert_allclose(oracle.astype(np.float32) * np.float32(1 + 3e-7), oracle)
+    with pytest.raises(AssertionError):  # bf16-sized error in a float32 check
+        testing.assert_allclose(oracle.astype(np.float32) * np.float32(1 + 1e-2), oracle)
+    testing.assert_allclose(jnp.asarray(oracle * (1 + 1e-2), jnp.bfloat16), oracle)

@@ -11,6 +11,8 @@ import pytest
 from server.config_file import ConfigFileError, load_config_file
 from server.serve import build_parser, resolve_settings
 
+pytestmark = pytest.mark.e2e  # starts server processes: not in `make test-fast`
+
 GOOD = """
 [server]
 grpc_port = 6000

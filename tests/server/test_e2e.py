@@ -34,6 +34,8 @@ from server.cli import offline_main
 from server.model import ServableModel, init_variables, save_model_dir
 from tests.server.serving import ServerProcess, running_server
 
+pytestmark = pytest.mark.e2e  # starts server processes: not in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -235,11 +237,30 @@ def test_http_endpoints(server: ServerProcess) -> None:
             return e.code, e.read()
 
     assert get("/healthz")[0] == 200
-    assert get("/readyz")[0] == 200
+    status, body = get("/readyz")
+    assert status == 200
+    assert json.loads(body) == {"status": "ready", "models": {"small": "ready", "logmel": "ready"}}
+    assert get("/readyz?model=logmel") == (200, b'{"status":"ready"}')
+    assert get("/readyz?model=nope")[0] == 404
     status, body = get("/v1/models")
     assert status == 200
-    names = {m["name"] for m in json.loads(body)["models"]}
-    assert names == {"small", "logmel"}
+    states = {m["name"]: m["state"] for m in json.loads(body)["models"]}
+    assert states == {"small": "ready", "logmel": "ready"}
+
+    async def health(service: str) -> int:
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                resp = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+            except grpc.aio.AioRpcError as e:
+                return -int(e.code().value[0])
+            return int(resp.status)
+
+    # Per model: a Health check with service = the model's name.
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert asyncio.run(health("small")) == serving
+    assert asyncio.run(health("logmel")) == serving
+    assert asyncio.run(health("nope")) == -grpc.StatusCode.NOT_FOUND.value[0]
     status, body = get("/v1/models/small")
     info = json.loads(body)
     assert status == 200 and info["input_shape"] == [3] and info["output_shape"] == [5]

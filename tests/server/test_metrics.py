@@ -16,6 +16,8 @@ from server.defaults import logmel
 from tests.reliability.conftest import metric
 from tests.server.serving import running_server
 
+pytestmark = pytest.mark.e2e  # starts server processes: not in `make test-fast`
+
 WAVE = (np.random.default_rng(4).normal(size=(3200, 1)) * 0.1).astype(np.float32)
 
 

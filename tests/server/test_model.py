@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import sequence_layers as sl
+from sequence_layers import testing
 from server.cli import models_main, offline_main
 from server.errors import ModelLoadError
 from server.model import ServableModel, init_variables, load_model_dir, save_model_dir
@@ -87,7 +88,7 @@ def test_sl_offline_on_model_dir(tmp_path: Path) -> None:
         offline_main([str(tmp_path / "m"), str(tmp_path / "in.npy"), str(tmp_path / "out.npy")])
         == 0
     )
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), model.offline(x), rtol=1e-6)
+    testing.assert_allclose(np.load(tmp_path / "out.npy"), model.offline(x), rtol=1e-6)
     np.save(tmp_path / "bad.npy", np.zeros((5, 7), np.float32))
     assert (
         offline_main([str(tmp_path / "m"), str(tmp_path / "bad.npy"), str(tmp_path / "o.npy")]) == 2

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # starts server processes: not in `make test-fast`
+
 
 def test_sharded_slots_match_unsharded() -> None:
     root = Path(__file__).resolve().parents[2]

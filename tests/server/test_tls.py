@@ -25,6 +25,8 @@ from clients.client import (
 from server.cli import offline_main
 from tests.server.serving import ServerProcess, running_server
 
+pytestmark = pytest.mark.e2e  # starts server processes: not in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

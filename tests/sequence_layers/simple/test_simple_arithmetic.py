@@ -26,7 +26,7 @@ IDS = [type(c[0]).__qualname__.split(".")[0] + str(i) for i, c in enumerate(CASE
 @pytest.mark.parametrize(("config", "expected", "stays_masked"), CASES, ids=IDS)
 def test_values(config, expected, stays_masked) -> None:
     y = config.make().apply({}, Sequence.from_values(jnp.asarray(V)[None]))
-    np.testing.assert_allclose(y.values[0], np.asarray(expected), rtol=1e-6)
+    testing.assert_allclose(y.values[0], np.asarray(expected), rtol=1e-6)
     assert isinstance(y, MaskedSequence) == stays_masked
     assert y.dtype == jnp.float32
 
@@ -73,7 +73,7 @@ def test_affine_params_and_values(verify) -> None:
     params = {"params": {"scale": jnp.array([1.0, 2.0, 3.0]), "bias": jnp.array([0.5, 0.0, -1.0])}}
     y = layer.clone().apply(params, x)
     expected = np.asarray(x.values) * [1, 2, 3] + [0.5, 0, -1]
-    np.testing.assert_allclose(
+    testing.assert_allclose(
         np.where(x.mask[..., None], y.values, 0),
         np.where(x.mask[..., None], expected, 0),
         rtol=1e-6,
