@@ -121,7 +121,7 @@ class ExportedProgram:
         signature: StepSignature,
         input_spec: sl.ChannelSpec,
     ) -> None:
-        self._init, self._step = init, step
+        self.init_artifact, self.step_artifact = init, step
         self.signature = signature
         self.input_spec = input_spec
         self.frames = signature.block_size
@@ -133,7 +133,7 @@ class ExportedProgram:
 
     def initial_state(self, variables: Any, batch_size: int) -> list[jax.Array]:
         x = jnp.zeros((batch_size, self.frames, *self.input_spec.shape), self.input_spec.dtype)
-        return list(self._init.call(jax.tree.leaves(variables), x))
+        return list(self.init_artifact.call(jax.tree.leaves(variables), x))
 
     def step(
         self, variables: Any, state: list[jax.Array], x: jax.Array, mask: jax.Array
@@ -144,7 +144,7 @@ class ExportedProgram:
         # n steps of one block, and XLA compiles the calls into one program.
         for start in range(0, x.shape[1], self.frames):
             piece = slice(start, start + self.frames)
-            state, y, y_mask = self._step.call(leaves, state, x[:, piece], mask[:, piece])
+            state, y, y_mask = self.step_artifact.call(leaves, state, x[:, piece], mask[:, piece])
             state = list(state)
             ys.append(y)
             masks.append(y_mask)
@@ -161,16 +161,14 @@ def current_platform() -> str:
     return str(device.platform)
 
 
-def export_programs(
+def export_in_memory(
     layer: sl.SequenceLayer,
     variables: Any,
     input_spec: sl.ChannelSpec,
-    directory: Path,
     platforms: tuple[str, ...] | None = None,
-) -> dict[str, Any]:
-    """Writes `directory/programs/{init,step}.jax`; returns the `model.json`
-    entry that describes them. Batch is symbolic, so one artifact serves
-    every bucket."""
+) -> ExportedProgram:
+    """The layer's init and step exported with a symbolic batch size: traced
+    once, then every batch bucket only traces a call of the artifact."""
     signature = StepSignature.of_layer(layer, input_spec)
     var_def = jax.tree.structure(variables)
     var_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.tree.leaves(variables)]
@@ -207,16 +205,30 @@ def export_programs(
             f"cannot export the model's step with a symbolic batch size: {e}. Serve the model "
             "directory without --programs instead."
         ) from e
+    return ExportedProgram(exported_init, exported_step, signature, input_spec)
+
+
+def export_programs(
+    layer: sl.SequenceLayer,
+    variables: Any,
+    input_spec: sl.ChannelSpec,
+    directory: Path,
+    platforms: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """Writes `directory/programs/{init,step}.jax`; returns the `model.json`
+    entry that describes them. Batch is symbolic, so one artifact serves
+    every bucket."""
+    program = export_in_memory(layer, variables, input_spec, platforms)
     out = directory / PROGRAMS_DIR
     out.mkdir(parents=True, exist_ok=True)
-    (out / "init.jax").write_bytes(exported_init.serialize())
-    (out / "step.jax").write_bytes(exported_step.serialize())
+    (out / "init.jax").write_bytes(program.init_artifact.serialize())
+    (out / "step.jax").write_bytes(program.step_artifact.serialize())
     return {
         "format": PROGRAMS_FORMAT,
         "version": PROGRAMS_VERSION,
-        "platforms": list(exported_step.platforms),
+        "platforms": list(program.step_artifact.platforms),
         "jax_version": jax.__version__,
-        "signature": signature.to_json(),
+        "signature": program.signature.to_json(),
     }
 
 

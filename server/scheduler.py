@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from server.model import ModelInfo, ServableModel, round_up
+from server.programs import LayerProgram, export_in_memory
 from server.session import Session
 from server.stats import StreamStats, TickStats
 
@@ -215,15 +216,23 @@ class Scheduler:
     # Device state and ticks --------------------------------------------------
 
     def _build_state(self) -> None:
-        program = self.model.program
-        init = lambda b: program.initial_state(self.model.variables, b)
-        one, two = jax.eval_shape(lambda: init(1)), jax.eval_shape(lambda: init(2))
-        self._batch_axes = jax.tree.map(_batch_axis, one, two)
         devices = jax.local_devices()
         if self.config.device:
             devices = [parse_device(self.config.device)]
             self.model.variables = jax.device_put(self.model.variables, devices[0])
         n_dev = len(devices) if self.config.shard else 1
+        program = self.model.program
+        if isinstance(program, LayerProgram):
+            # Trace the layer code once, with a symbolic batch size, instead
+            # of once per bucket: each bucket then traces only a call of the
+            # exported step. demo-asr: 1.7 s once + 0.1 s a bucket instead of
+            # 1.1 s a bucket; the compiled ticks are identical (same HLO
+            # after inlining; outputs bit-equal, tick time equal).
+            program = export_in_memory(program.layer, self.model.variables, program.input_spec)
+        self.program = program
+        init = lambda b: program.initial_state(self.model.variables, b)
+        one, two = jax.eval_shape(lambda: init(1)), jax.eval_shape(lambda: init(2))
+        self._batch_axes = jax.tree.map(_batch_axis, one, two)
         # Rows divisible by the device count. Buckets are padded with an
         # out-of-range slot id: its gather fills zeros and its scatter is
         # dropped, so no scratch row is needed and a full tick (every slot)
@@ -263,7 +272,7 @@ class Scheduler:
     def _tick_fns(self) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
         """(partial tick, full tick, reset one slot) on flat leaves, all pure
         functions of the state so jit can donate it and update in place."""
-        program, axes, init_one = self.model.program, self._batch_axes, self._init_one
+        program, axes, init_one = self.program, self._batch_axes, self._init_one
         n = self.config.max_streams
 
         frame_index = jnp.arange(self.chunk_frames, dtype=jnp.int32)
