@@ -11,14 +11,15 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first so code edits reuse this layer.
+# Dependencies first so code edits reuse this layer: the exact versions and
+# hashes of deploy/requirements/serve.lock (`make lock` refreshes it), so
+# every build installs what the tests ran against.
+COPY deploy/requirements/serve.lock ./
+RUN pip install --require-hashes --no-deps -r serve.lock \
+    && if [ -n "$JAX_EXTRA" ]; then \
+         pip install "jax[$JAX_EXTRA]==$(sed -n 's/^jax==\([^ ]*\).*/\1/p' serve.lock)"; \
+       fi
 COPY pyproject.toml README.md ./
-RUN mkdir -p sequence_layers server clients protos loadtests \
-    && touch sequence_layers/__init__.py server/__init__.py clients/__init__.py \
-             protos/__init__.py loadtests/__init__.py \
-    && pip install . \
-    && if [ -n "$JAX_EXTRA" ]; then pip install "jax[$JAX_EXTRA]"; fi \
-    && pip uninstall -y sequence-layers-serving
 COPY sequence_layers ./sequence_layers
 COPY server ./server
 COPY clients ./clients
@@ -27,11 +28,15 @@ COPY loadtests ./loadtests
 RUN pip install --no-deps . && python -m compileall -q /opt/venv
 
 FROM ${PYTHON_IMAGE}
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
-RUN useradd --system --uid 10001 --create-home --home-dir /home/sl sl
+# The JAX compilation cache: mount a volume here (compose and Kubernetes do)
+# so a restarted container reads its compiled programs back in seconds.
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 SL_COMPILE_CACHE_DIR=/var/cache/sl-serve/jax
+RUN useradd --system --uid 10001 --create-home --home-dir /home/sl sl \
+    && mkdir -p /var/cache/sl-serve && chown sl /var/cache/sl-serve
 COPY --from=build /opt/venv /opt/venv
 USER sl
 WORKDIR /home/sl
+VOLUME /var/cache/sl-serve
 EXPOSE 50051 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]

@@ -192,10 +192,12 @@ def test_compose_file_parses_and_references_existing_files() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     assert set(compose["services"]) == {"sl-serve", "prometheus", "grafana"}
     assert "50051:50051" in compose["services"]["sl-serve"]["ports"]
+    named = set(compose.get("volumes") or {})
     for service in compose["services"].values():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            assert (DEPLOY / source).exists(), source
+            assert source in named or (DEPLOY / source).exists(), source
+    assert "compile-cache:/var/cache/sl-serve" in compose["services"]["sl-serve"]["volumes"]
     prometheus = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     assert prometheus["scrape_configs"][0]["static_configs"][0]["targets"] == ["sl-serve:8080"]
 
@@ -238,3 +240,34 @@ def test_dockerfile_entrypoint_and_healthcheck_work_as_written() -> None:
             proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+
+def _pins(lock: Path) -> dict[str, str]:
+    """`name -> version` of a uv lock file (every pin carries hashes)."""
+    text = lock.read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", text, re.M))
+    assert pins and text.count("--hash=sha256:") >= len(pins), f"{lock}: pins without hashes"
+    return {name.lower().replace("_", "-"): version for name, version in pins.items()}
+
+
+def test_lock_files_pin_every_dependency_and_agree() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    serve = _pins(DEPLOY / "requirements" / "serve.lock")
+    test = _pins(DEPLOY / "requirements" / "test.lock")
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    runtime = names(project["dependencies"])
+    assert runtime <= set(serve), sorted(runtime - set(serve))
+    assert runtime | names(project["optional-dependencies"]["test"]) <= set(test)
+    # The Docker image (serve.lock) runs the versions the tests ran (test.lock).
+    assert {n: v for n, v in serve.items() if test.get(n) != v} == {}
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--require-hashes --no-deps -r $(LOCK)" in makefile
+    assert "LOCK := deploy/requirements/test.lock" in makefile
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "pip install --require-hashes --no-deps -r serve.lock" in dockerfile
+    assert "!deploy/requirements/serve.lock" in (ROOT / ".dockerignore").read_text()

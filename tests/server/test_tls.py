@@ -160,7 +160,7 @@ def test_https_healthz_and_models(server: ServerProcess, cert: tuple[Path, Path]
         with urllib.request.urlopen(f"{base}/healthz", context=ctx, timeout=10) as r:
             assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
         with urllib.request.urlopen(f"{base}/readyz", context=ctx, timeout=10) as r:
-            assert json.loads(r.read()) == {"status": "ready"}
+            assert json.loads(r.read()) == {"status": "ready", "models": {"logmel": "ready"}}
     with urllib.request.urlopen(
         f"https://127.0.0.1:{server.http_port}/v1/models", context=ctx, timeout=10
     ) as r:
