@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import gc
 import itertools
+import logging
 import operator
 import os
 import threading
@@ -39,11 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from server.errors import DeadlineExceeded, ModelLoadError, ResourceExhausted, Unavailable
 from server.model import ModelInfo, ServableModel, round_up
 from server.programs import LayerProgram, export_in_memory
 from server.session import Session
 from server.stats import StreamStats, TickStats
+
+log = logging.getLogger("sl-serve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +231,10 @@ class Scheduler:
             # exported step. demo-asr: 1.7 s once + 0.1 s a bucket instead of
             # 1.1 s a bucket; the compiled ticks are identical (same HLO
             # after inlining; outputs bit-equal, tick time equal).
-            program = export_in_memory(program.layer, self.model.variables, program.input_spec)
+            try:
+                program = export_in_memory(program.layer, self.model.variables, program.input_spec)
+            except ModelLoadError as e:  # a layer that needs a concrete batch size
+                log.info("model %s: tracing per bucket (%s)", self.model.name, e)
         self.program = program
         init = lambda b: program.initial_state(self.model.variables, b)
         one, two = jax.eval_shape(lambda: init(1)), jax.eval_shape(lambda: init(2))
