@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -237,6 +238,8 @@ def test_http_endpoints(server: ServerProcess) -> None:
             return e.code, e.read()
 
     assert get("/healthz")[0] == 200
+    # The run's shared compilation cache (tests/conftest.py) holds its programs.
+    assert any(Path(os.environ["SL_COMPILE_CACHE_DIR"]).iterdir())
     status, body = get("/readyz")
     assert status == 200
     assert json.loads(body) == {"status": "ready", "models": {"small": "ready", "logmel": "ready"}}

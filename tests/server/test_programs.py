@@ -17,6 +17,7 @@ import pytest
 
 import sequence_layers as sl
 from clients.client import AsyncGrpcClient, AsyncWebSocketClient, chunked, collect
+from sequence_layers import testing
 from server.cli import models_main
 from server.errors import ModelLoadError
 from server.model import ServableModel, init_variables, load_model_dir, save_model_dir
@@ -33,6 +34,7 @@ import dataclasses
 import jax.numpy as jnp
 
 import sequence_layers as sl
+from sequence_layers import testing
 from sequence_layers import types
 
 
@@ -139,11 +141,11 @@ def test_exported_model_streams_like_its_layer(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     inputs = [rng.normal(size=(n, 2)).astype(np.float32) for n in (1, 17, 40)]
     for x, y in zip(inputs, _stream_all(loaded, inputs), strict=True):
-        sl.testing.assert_allclose(y, model.offline(x))
+        testing.assert_allclose(y, model.offline(x))
     # Without layer code, offline runs the programs (the contract's step form).
     loaded.layer = None
     for x in inputs:
-        sl.testing.assert_allclose(loaded.offline(x), model.offline(x))
+        testing.assert_allclose(loaded.offline(x), model.offline(x))
 
 
 def test_programs_for_another_platform(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -189,7 +191,7 @@ def test_sl_models_export_programs_from_a_builtin(tmp_path: Path) -> None:
     loaded = load_model_dir(tmp_path / "logmel")
     assert isinstance(loaded.program, ExportedProgram)
     x = (np.random.default_rng(1).normal(size=(3000, 1)) * 0.1).astype(np.float32)
-    sl.testing.assert_allclose(loaded.offline(x), ServableModel.offline(loaded, x))
+    testing.assert_allclose(loaded.offline(x), ServableModel.offline(loaded, x))
     assert models_main(["export", "no-such-model", str(tmp_path / "x")]) == 2
 
 
@@ -212,5 +214,5 @@ def test_server_without_the_layer_code_serves_exported_programs(tmp_path: Path) 
             return g, w
 
         via_grpc, via_ws = asyncio.run(both())
-    sl.testing.assert_allclose(via_grpc, expected)
-    sl.testing.assert_allclose(via_ws, expected)
+    testing.assert_allclose(via_grpc, expected)
+    testing.assert_allclose(via_ws, expected)
