@@ -17,8 +17,11 @@
     chunk_blocks = 4
     device = "gpu:0"        # optional: pin this model to one device
 
-Command-line flags override the file. Errors name the file, the line and the
-reason, and stop the server before it starts.
+The keys of `[server]` are the fields of `server.settings.ServerSettings`;
+those of `[defaults]` and `[models.NAME]` the fields of
+`server.scheduler.SchedulerConfig` (each also an `sl-serve` flag, with its
+help in `sl-serve --help`). Command-line flags override the file. Errors name
+the file, the line and the reason, and stop the server before it starts.
 """
 
 from __future__ import annotations
@@ -30,32 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from server.scheduler import SchedulerConfig
+from server.settings import ServerSettings, check_value, keys, merge
 
-SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
-    "host": str,
-    "grpc_port": int,
-    "http_port": int,
-    "drain_seconds": (int, float),
-    "api_key_file": str,
-    "api_keys": list,
-    "tls_cert": str,
-    "tls_key": str,
-    "log_level": str,
-    "compile_cache_dir": str,
-}
-SCHEDULER_KEYS: dict[str, type | tuple[type, ...]] = {
-    "max_streams": int,
-    "chunk_blocks": int,
-    "max_batch_delay_ms": (int, float),
-    "idle_timeout_s": (int, float),
-    "max_chunk_frames": int,
-    "max_buffered_frames": int,
-    "max_output_backlog": int,
-    "slow_consumer_timeout_s": (int, float),
-    "buckets": list,
-    "device": str,
-}
-MODEL_KEYS: dict[str, type | tuple[type, ...]] = {"path": str, "builtin": str, **SCHEDULER_KEYS}
+# Keys and their types come from the settings dataclasses (server/settings.py).
+MODEL_ONLY_KEYS = ("path", "builtin")
 
 
 class ConfigFileError(Exception):
@@ -96,17 +77,20 @@ def load_config_file(path: str | Path) -> FileConfig:
             raise fail(
                 table, None, f"unknown table [{table}]; use [server], [defaults], [models.NAME]."
             )
-    server = _check_table(doc.get("server", {}), SERVER_KEYS, "server", fail)
-    defaults = _check_table(doc.get("defaults", {}), SCHEDULER_KEYS, "defaults", fail)
+    server = _check_table(doc.get("server", {}), ServerSettings, "server", fail)
+    defaults = _check_table(doc.get("defaults", {}), SchedulerConfig, "defaults", fail)
     models = []
     for name, entry in doc.get("models", {}).items():
         table = f"models.{name}"
         if not isinstance(entry, dict):
             raise fail("models", name, f"models.{name} must be a table ([models.{name}]).")
-        entry = _check_table(entry, MODEL_KEYS, table, fail)
+        for key in MODEL_ONLY_KEYS:
+            if key in entry and not isinstance(entry[key], str):
+                raise fail(table, key, f"`{key}` must be str, got {entry[key]!r}.")
+        scheduler = {k: v for k, v in entry.items() if k not in MODEL_ONLY_KEYS}
+        _check_table(scheduler, SchedulerConfig, table, fail, extra=MODEL_ONLY_KEYS)
         if ("path" in entry) == ("builtin" in entry):
             raise fail(table, None, f"[{table}] needs exactly one of `path` or `builtin`.")
-        scheduler = {k: v for k, v in entry.items() if k in SCHEDULER_KEYS}
         models.append(ModelEntry(name, entry.get("path"), entry.get("builtin"), scheduler))
         if entry.get("path") and not Path(entry["path"]).is_absolute():
             # Relative model paths are relative to the config file.
@@ -116,23 +100,18 @@ def load_config_file(path: str | Path) -> FileConfig:
 
 def _check_table(
     table: dict[str, Any],
-    allowed: dict[str, type | tuple[type, ...]],
+    settings: type,
     name: str,
     fail: Any,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     for key, value in table.items():
-        if key not in allowed:
-            raise fail(name, key, f"unknown key `{key}` in [{name}]; known: {', '.join(allowed)}.")
-        expected = allowed[key]
-        if isinstance(value, bool) or not isinstance(value, expected):
-            names = (
-                " or ".join(t.__name__ for t in expected)
-                if isinstance(expected, tuple)
-                else expected.__name__
-            )
-            raise fail(name, key, f"`{key}` must be {names}, got {value!r}.")
-        if key in ("max_streams", "chunk_blocks", "grpc_port", "http_port") and value <= 0:
-            raise fail(name, key, f"`{key}` must be positive, got {value}.")
+        problem = check_value(settings, key, value)
+        if problem is not None and problem.startswith("unknown key"):
+            known = ", ".join([*extra, *keys(settings)])
+            problem = f"unknown key `{key}` in [{name}]; known: {known}"
+        if problem is not None:
+            raise fail(name, key, problem + ".")
     return dict(table)
 
 
@@ -156,9 +135,4 @@ def _line_of(text: str, table: str, key: str | None) -> int:
 
 def scheduler_config(*layers: dict[str, Any]) -> SchedulerConfig:
     """Later dicts override earlier ones; None values are ignored."""
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        merged.update({k: v for k, v in layer.items() if v is not None})
-    if "buckets" in merged:
-        merged["buckets"] = tuple(int(b) for b in merged["buckets"])
-    return SchedulerConfig(**merged)
+    return merge(SchedulerConfig, *layers)

@@ -44,6 +44,7 @@ from server.errors import DeadlineExceeded, ModelLoadError, ResourceExhausted, U
 from server.model import ModelInfo, ServableModel, round_up
 from server.programs import LayerProgram, export_in_memory
 from server.session import Session
+from server.settings import knob
 from server.stats import StreamStats, TickStats
 
 log = logging.getLogger("sl-serve")
@@ -51,32 +52,41 @@ log = logging.getLogger("sl-serve")
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """Runtime knobs of one model (each is an `sl-serve` flag)."""
+    """Runtime knobs of one model: `sl-serve` flags, `[defaults]` and
+    `[models.NAME]` keys of a config file (all generated from these fields)."""
 
-    # Concurrent streams (device state slots).
-    max_streams: int = 32
-    # Chunk = chunk_blocks * block_size input frames per stream per tick.
-    chunk_blocks: int = 1
-    # Longest a ready chunk waits for other streams before a tick starts.
-    max_batch_delay_ms: float = 5.0
-    # A stream that sends nothing for this long ends with DEADLINE_EXCEEDED.
-    idle_timeout_s: float = 30.0
-    # Largest single chunk a client may send, in frames.
-    max_chunk_frames: int = 16000 * 10
-    # Frames a stream may have buffered ahead of processing.
-    max_buffered_frames: int = 16000 * 30
-    # Output messages queued for a client that is not reading; past this the
-    # stream is not scheduled (backpressure) ...
-    max_output_backlog: int = 64
-    # ... and if it stays stuck this long it ends with RESOURCE_EXHAUSTED.
-    slow_consumer_timeout_s: float = 30.0
-    # Shard slots over all local devices of the default backend.
-    shard: bool = True
-    # Batch sizes to compile; None = powers of two up to max_streams. Fewer
-    # buckets compile faster at the cost of padding small ticks.
-    buckets: tuple[int, ...] | None = None
-    # Pin this model to one device ("cpu:0", "gpu:1"); None = all local devices.
-    device: str | None = None
+    max_streams: int = knob(32, "concurrent streams per model (device state slots)", positive=True)
+    chunk_blocks: int = knob(
+        1, "blocks per stream per tick: chunk = chunk_blocks * block_size frames", positive=True
+    )
+    max_batch_delay_ms: float = knob(
+        5.0, "longest a ready chunk waits for other streams before a tick starts"
+    )
+    idle_timeout_s: float = knob(
+        30.0, "a stream that sends nothing this long ends with DEADLINE_EXCEEDED", positive=True
+    )
+    max_chunk_frames: int = knob(
+        16000 * 10, "largest single chunk a client may send, in frames", positive=True
+    )
+    max_buffered_frames: int = knob(
+        16000 * 30, "frames a stream may have buffered ahead of processing", positive=True
+    )
+    max_output_backlog: int = knob(
+        64,
+        "output messages queued for a client that is not reading; past this the stream is "
+        "not scheduled (backpressure)",
+        positive=True,
+    )
+    slow_consumer_timeout_s: float = knob(
+        30.0, "a stream stuck on backpressure this long ends with RESOURCE_EXHAUSTED"
+    )
+    shard: bool = knob(True, "shard slots over all local devices of the default backend")
+    buckets: tuple[int, ...] | None = knob(
+        None,
+        "batch sizes to compile (default: powers of two up to max_streams); fewer compile "
+        "faster at the cost of padding small ticks",
+    )
+    device: str | None = knob(None, "pin the model to one device, e.g. cpu:0 or gpu:1")
 
 
 def buckets_for(max_streams: int) -> list[int]:

@@ -36,6 +36,7 @@ from server.metrics import Metrics
 from server.model import ServableModel, load_model_dir
 from server.runtime import Runtime
 from server.scheduler import SchedulerConfig
+from server.settings import ServerSettings, add_flags, flag_values, merge
 from server.stats import StreamStats
 
 log = logging.getLogger("sl-serve")
@@ -49,22 +50,6 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
-# Built-in values of the server flags; a config file and then the command
-# line override them (flags parse to None when not given).
-SERVER_DEFAULTS: dict[str, Any] = {
-    "host": "127.0.0.1",
-    "grpc_port": 50051,
-    "http_port": 8080,
-    "drain_seconds": 10.0,
-    "api_key_file": None,
-    "tls_cert": None,
-    "tls_key": None,
-    "log_level": "info",
-    # None: $SL_COMPILE_CACHE_DIR or ~/.cache/sequence-layers-serving/jax.
-    "compile_cache_dir": None,
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sl-serve", description="Streaming inference server.")
     p.add_argument("--config", default=None, help="server.toml (see server/config_file.py)")
@@ -76,29 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the model directory DIR as NAME (repeatable); a built-in name alone "
         f"({', '.join(sorted(BUILTIN_MODELS))}) serves that built-in. Default: all built-ins.",
     )
-    p.add_argument("--host")
-    p.add_argument("--grpc-port", type=int)
-    p.add_argument("--http-port", type=int)
-    p.add_argument("--drain-seconds", type=float)
-    p.add_argument("--max-streams", type=int, help="stream slots per model (32)")
-    p.add_argument("--chunk-blocks", type=int, help="blocks per stream per tick (1)")
-    p.add_argument("--max-batch-delay-ms", type=float, help="(5)")
-    p.add_argument("--idle-timeout-s", type=float, help="(30)")
-    p.add_argument("--max-output-backlog", type=int, help="(64)")
-    p.add_argument("--slow-consumer-timeout-s", type=float, help="(30)")
-    p.add_argument("--buckets", help="comma-separated batch sizes to compile (1,2,4,...)")
-    p.add_argument("--device", help="pin every model to one device, e.g. gpu:0")
     p.add_argument("--api-key", action="append", default=[], help="require this key (repeatable)")
-    p.add_argument("--api-key-file", help="file with one API key per line")
-    p.add_argument("--tls-cert", help="PEM certificate (gRPC and HTTPS/WSS)")
-    p.add_argument("--tls-key", help="PEM private key")
-    p.add_argument("--log-level")
-    p.add_argument(
-        "--compile-cache-dir",
-        help="JAX persistent compilation cache: a restart with unchanged models reads the "
-        "compiled programs back instead of compiling (default: $SL_COMPILE_CACHE_DIR or "
-        "~/.cache/sequence-layers-serving/jax; 'off' disables)",
-    )
+    # Every other flag comes from a settings field (server/settings.py).
+    add_flags(p, ServerSettings, "server")
+    add_flags(p, SchedulerConfig, "per model (a config file can set them per model)")
     return p
 
 
@@ -113,22 +79,10 @@ class Settings:
 def resolve_settings(args: argparse.Namespace) -> Settings:
     """Merges built-in defaults, the config file and the flags (in that order)."""
     file = load_config_file(args.config) if args.config else None
-    server = dict(SERVER_DEFAULTS)
-    if file:
-        server.update(file.server)
-    for key in SERVER_DEFAULTS:
-        if getattr(args, key) is not None:
-            server[key] = getattr(args, key)
-    flag_knobs = {
-        "max_streams": args.max_streams,
-        "chunk_blocks": args.chunk_blocks,
-        "max_batch_delay_ms": args.max_batch_delay_ms,
-        "idle_timeout_s": args.idle_timeout_s,
-        "max_output_backlog": args.max_output_backlog,
-        "slow_consumer_timeout_s": args.slow_consumer_timeout_s,
-        "buckets": [int(b) for b in args.buckets.split(",")] if args.buckets else None,
-        "device": args.device,
-    }
+    server = dataclasses.asdict(
+        merge(ServerSettings, file.server if file else {}, flag_values(args, ServerSettings))
+    )
+    flag_knobs = flag_values(args, SchedulerConfig)
     defaults = file.defaults if file else {}
     models: dict[str, ServableModel] = {}
     schedulers: dict[str, SchedulerConfig] = {}
@@ -148,8 +102,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     for name, model in load_models(args.model, default_builtins=not models).items():
         models[name] = model
         schedulers[name] = scheduler_config(defaults, flag_knobs)
-    keys = list(server.get("api_keys") or []) + list(args.api_key)
-    if server.get("api_key_file"):
+    keys = list(server["api_keys"]) + list(args.api_key)
+    if server["api_key_file"]:
         text = Path(server["api_key_file"]).read_text()
         keys += [line.strip() for line in text.splitlines() if line.strip()]
     return Settings(server, models, schedulers, keys)

@@ -85,3 +85,31 @@ def test_sl_serve_refuses_a_bad_file_before_starting(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert f"{path}:2: `grpc_port` must be int" in proc.stderr
+
+
+def test_every_knob_is_a_flag_and_a_file_key(tmp_path: Path) -> None:
+    # Flags and file keys are generated from the settings fields: each one
+    # reaches the SchedulerConfig / server settings, file < flag.
+    import dataclasses
+
+    from server.scheduler import SchedulerConfig
+
+    path = _write(
+        tmp_path,
+        "[server]\ncompile_cache_dir = 'off'\n\n[defaults]\nshard = false\n"
+        "max_chunk_frames = 100\nbuckets = [2, 8]\n\n[models.mel]\nbuiltin = 'logmel'\n"
+        "max_buffered_frames = 900\n",
+    )
+    flags = ["--config", str(path), "--max-chunk-frames", "50", "--slow-consumer-timeout-s", "2"]
+    settings = resolve_settings(build_parser().parse_args(flags))
+    sched = settings.schedulers["mel"]
+    assert (sched.shard, sched.max_chunk_frames, sched.buckets) == (False, 50, (2, 8))
+    assert (sched.max_buffered_frames, sched.slow_consumer_timeout_s) == (900, 2.0)
+    assert settings.server["compile_cache_dir"] == "off"
+    args = build_parser().parse_args(["--no-shard", "--buckets", "1,4", "--device", "cpu:0"])
+    for field in dataclasses.fields(SchedulerConfig):
+        assert hasattr(args, field.name), field.name
+    assert (args.shard, args.buckets, args.device) == (False, (1, 4), "cpu:0")
+    bad = _write(tmp_path, "[defaults]\nshard = 1\n")
+    with pytest.raises(ConfigFileError, match="`shard` must be bool"):
+        load_config_file(bad)
