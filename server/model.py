@@ -332,7 +332,7 @@ def load_model_dir(directory: str | os.PathLike[str], name: str | None = None) -
             raise ModelLoadError(f"{meta_path}: {config_error}")
         model = ServableModel(
             name=name or doc.get("name") or path.name,
-            config=config if exported is None else None,
+            config=config,
             variables={},
             input_shape=input_shape,
             input_dtype=input_dtype,
@@ -340,9 +340,6 @@ def load_model_dir(directory: str | os.PathLike[str], name: str | None = None) -
             description=doc.get("description", ""),
             exported=exported,
         )
-        if exported is not None and config is not None:
-            # Programs serve; the layer stays for `layer()` (sl-offline).
-            model.config, model.layer = config, config.make()
     except KeyError as e:
         raise ModelLoadError(f"{meta_path}: missing field {e}.") from e
     except (ValueError, TypeError) as e:
