@@ -4,6 +4,8 @@ A model directory holds:
 - `model.json`: `{"format": "sequence_layers_serving.model", "version": 1,
   "name", "description", "input": {"shape": [...], "dtype": "float32"},
   "sample_rate", "config": <sequence_layers.serialization dict>}`
+  optional `"speech_segments": true` (output channel 0 is a speech
+  probability; streams may ask for speech segments)
 - `params/`: an orbax checkpoint of the layer's variables.
 """
 
@@ -45,6 +47,8 @@ class ModelInfo:
     input_latency: int
     output_latency: int
     max_streams: int = 0
+    # Output channel 0 is a speech probability: streams may ask for speech segments.
+    speech_segments: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -72,6 +76,9 @@ class ServableModel:
     input_dtype: str = "float32"
     sample_rate: int = 0
     description: str = ""
+    # Output channel 0 is a speech probability per window: streams may ask
+    # for speech_started / speech_stopped events (server/segments.py).
+    speech_segments: bool = False
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(d) for d in self.input_shape)
@@ -117,6 +124,7 @@ class ServableModel:
             input_latency=self.layer.input_latency,
             output_latency=self.layer.output_latency,
             max_streams=max_streams,
+            speech_segments=self.speech_segments,
         )
 
     def offline(self, x: np.ndarray) -> np.ndarray:
@@ -207,6 +215,8 @@ def save_model_dir(model: ServableModel, directory: str | os.PathLike[str]) -> P
         "sample_rate": model.sample_rate,
         "config": serialization.to_dict(model.config),
     }
+    if model.speech_segments:
+        doc["speech_segments"] = True
     (path / "model.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     if _leaf_count(model.variables):
         with ocp.StandardCheckpointer() as ckpt:
@@ -251,6 +261,7 @@ def load_model_dir(directory: str | os.PathLike[str], name: str | None = None) -
             input_dtype=doc["input"].get("dtype", "float32"),
             sample_rate=int(doc.get("sample_rate", 0)),
             description=doc.get("description", ""),
+            speech_segments=bool(doc.get("speech_segments", False)),
         )
     except KeyError as e:
         raise ModelLoadError(f"{meta_path}: missing field {e}.") from e

@@ -164,6 +164,7 @@ def build(wheel: str | os.PathLike[str] | None = None) -> ServableModel:
         input_dtype="float32",
         sample_rate=16000,
         description=DESCRIPTION,
+        speech_segments=True,
     )
 
 
