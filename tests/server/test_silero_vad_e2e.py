@@ -1,11 +1,16 @@
 """Silero VAD through a real `sl-serve`: streams over gRPC and WebSocket in
 random chunk sizes give per-window probabilities equal to the official ONNX
 model, and the speech events each stream asked for equal the official
-`VADIterator` on the same probabilities."""
+`VADIterator` on the same probabilities; `sl-stream` prints a file's
+segments as the official `get_speech_timestamps_from_probs` gives them."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +27,13 @@ from clients.client import (
 )
 from server import silero_vad
 from tests.server.serving import ServerProcess, running_server
-from tests.server.vad_audio import official_events, onnx_probs, speech_mix, wheel_or_skip
+from tests.server.vad_audio import (
+    official_events,
+    official_segments,
+    onnx_probs,
+    speech_mix,
+    wheel_or_skip,
+)
 
 ATOL, RTOL = 1e-4, 1e-4  # float32 vs ONNX Runtime float32 (see test_silero_vad.py)
 
@@ -139,3 +150,37 @@ def test_model_info_and_segment_errors(server: ServerProcess) -> None:
             await client.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("door", ["grpc", "ws"])
+def test_sl_stream_prints_official_segments(
+    server: ServerProcess, wheel: Path, door: str, tmp_path: Path
+) -> None:
+    x = speech_mix(5)
+    pcm = np.round(x * 32767).astype("<i2")
+    path = tmp_path / "speech.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+    url = f"grpc://{server.grpc_target}" if door == "grpc" else server.ws_url
+    out = tmp_path / "probs.npy"
+    cmd = [str(Path(sys.executable).parent / "sl-stream"), "--url", url, "--model", "silero-vad"]
+    result = subprocess.run(
+        [*cmd, "--no-progress", str(path), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    probs = np.load(out)[:, 0]
+    np.testing.assert_allclose(
+        probs, onnx_probs(wheel, pcm.astype(np.float32) / 32768), rtol=RTOL, atol=ATOL
+    )
+    printed = [
+        {"start": int(m[1]), "end": int(m[2])}
+        for m in re.finditer(r"^  (\d+)-(\d+) samples", result.stdout, re.M)
+    ]
+    assert printed == official_segments(wheel, probs, len(pcm))
+    assert f"speech segments: {len(printed)}" in result.stdout and len(printed) >= 2
