@@ -1,0 +1,169 @@
+"""Silero VAD: `sl-serve` against what its users run today, in one run.
+
+    .venv/bin/python -m loadtests.bench_vad --json vad.json
+
+Starts both servers on this machine, one after the other, and drives each
+with the same load generator (`sl-loadtest`'s code, over WebSocket, since
+the peer has no gRPC): real-time streams sending 96 ms chunks of noise.
+- ours: `sl-serve --model silero-vad=build/models/silero-vad`, ticks of 3
+  windows per stream (one 96 ms chunk);
+- the peer: `loadtests/peer_vad.py`, FastAPI + one ONNX Runtime session and
+  state per stream, the official per-window loop.
+Reports, for each: the most streams held at p99 chunk latency under
+`--target-p99-ms` (doubling, then bisection), and at `--cpu-streams` (100)
+streams the server process's CPU seconds per audio second. The load
+generator shares the cores. Figures, never a pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from loadtests import loadtest as lt
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MODEL_DIR = ROOT / "build" / "models" / "silero-vad"
+CHUNK_MS = 96.0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_http(url: str, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready in {timeout} s")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def _server(cmd: list[str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_http(ready_url)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _load_args(url: str, args: argparse.Namespace, server_chunk_blocks: int) -> argparse.Namespace:
+    return argparse.Namespace(
+        url=url,
+        model="silero-vad",
+        streams=args.first_probe,
+        duration=args.duration,
+        ramp_up=args.ramp_up,
+        chunk_ms=CHUNK_MS,
+        utterance_s=args.utterance_s,
+        server_chunk_blocks=server_chunk_blocks,
+        fast=False,
+        capacity=True,
+        target_p99_ms=args.target_p99_ms,
+        max_streams=args.max_streams,
+        api_key=None,
+        ca_cert=None,
+    )
+
+
+def _measure(name: str, url: str, pid: int, load: argparse.Namespace, args: Any) -> dict:
+    print(f"== {name}: {args.cpu_streams} streams for CPU per audio second", file=sys.stderr)
+    before = _cpu_seconds(pid)
+    stats = asyncio.run(lt.run_load(load, args.cpu_streams))
+    cpu = _cpu_seconds(pid) - before
+    summary = stats.summary()
+    audio = summary["throughput_audio_s_per_s"] * stats.duration
+    result: dict[str, Any] = {
+        "server": name,
+        "url": url,
+        "at_cpu_streams": summary,
+        "cpu_seconds": round(cpu, 2),
+        "cpu_s_per_audio_s": round(cpu / audio, 4) if audio else None,
+    }
+    if not args.skip_capacity:
+        print(f"== {name}: capacity search", file=sys.stderr)
+        capacity, sweep = asyncio.run(lt.find_capacity(load))
+        result["capacity_streams"] = capacity
+        result["sweep"] = [
+            {
+                "streams": s["streams"],
+                "p99_ms": s["chunk_latency_ms"]["p99"],
+                "errors": s["errors"],
+                "audio_s_per_s": s["throughput_audio_s_per_s"],
+            }
+            for s in sweep
+        ]
+    print(json.dumps({k: v for k, v in result.items() if k != "sweep"}), file=sys.stderr)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_vad", description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=15.0, help="seconds per load run")
+    p.add_argument("--ramp-up", type=float, default=3.0)
+    p.add_argument("--utterance-s", type=float, default=4.0)
+    p.add_argument("--target-p99-ms", type=float, default=100.0)
+    p.add_argument("--first-probe", type=int, default=64, help="capacity search starts here")
+    p.add_argument("--max-streams", type=int, default=1024)
+    p.add_argument("--cpu-streams", type=int, default=100)
+    p.add_argument("--skip-capacity", action="store_true")
+    p.add_argument("--only", choices=["ours", "peer"], default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not (MODEL_DIR / "model.json").is_file():
+        print(f"{MODEL_DIR} missing: run `make silero-vad` first.", file=sys.stderr)
+        return 2
+    results = []
+    if args.only in (None, "ours"):
+        http = 8301
+        cmd = [str(BIN / "sl-serve"), "--model", f"silero-vad={MODEL_DIR}"]
+        cmd += ["--max-streams", str(args.max_streams), "--chunk-blocks", "3"]
+        cmd += ["--grpc-port", "50301", "--http-port", str(http), "--log-level", "warning"]
+        url = f"ws://127.0.0.1:{http}"
+        with _server(cmd, f"http://127.0.0.1:{http}/readyz") as proc:
+            results.append(_measure("sl-serve", url, proc.pid, _load_args(url, args, 3), args))
+    if args.only in (None, "peer"):
+        http = 8302
+        cmd = [sys.executable, "-m", "loadtests.peer_vad", "--port", str(http)]
+        url = f"ws://127.0.0.1:{http}"
+        with _server(cmd, f"http://127.0.0.1:{http}/v1/models") as proc:
+            results.append(
+                _measure(
+                    "peer (FastAPI + ONNX Runtime)", url, proc.pid, _load_args(url, args, 1), args
+                )
+            )
+    out = {"cpu": os.uname().machine, "results": results}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
