@@ -123,11 +123,56 @@ def _measure(name: str, url: str, pid: int, load: argparse.Namespace, args: Any)
     return result
 
 
+def bare(batches: tuple[int, ...] = (1, 8, 32, 128), windows: int = 3) -> dict[str, Any]:
+    """CPU time per window of the bare jitted `step` at each batch size
+    (`windows` windows per stream per call, as the server's ticks), next to
+    ONNX Runtime stepping one stream (the peer's inner loop)."""
+    import jax
+    import numpy as np
+
+    import sequence_layers as sl
+    from loadtests.peer_vad import OfficialStream
+    from server.model import load_model_dir
+    from server.silero_vad import ONNX_MEMBER, find_wheel
+
+    model = load_model_dir(MODEL_DIR)
+    layer = model.layer
+    step = jax.jit(lambda v, x, s: layer.apply(v, x, s, training=False, method=layer.step))
+    out: dict[str, Any] = {"windows_per_call": windows, "ours_ms_per_window": {}}
+    rng = np.random.default_rng(0)
+    for b in batches:
+        x = sl.Sequence.from_values(rng.normal(0, 0.1, (b, 512 * windows, 1)).astype(np.float32))
+        state = layer.apply(
+            model.variables, b, model.input_spec, training=False, method=layer.get_initial_state
+        )
+        y, state = step(model.variables, x, state)
+        jax.block_until_ready(y)
+        n = max(5, 2000 // (b * windows))
+        t0 = time.process_time()
+        for _ in range(n):
+            y, state = step(model.variables, x, state)
+        jax.block_until_ready(y)
+        out["ours_ms_per_window"][b] = round(
+            (time.process_time() - t0) / (n * b * windows) * 1e3, 4
+        )
+    import zipfile
+
+    with zipfile.ZipFile(find_wheel()) as z:
+        peer = OfficialStream(z.read(ONNX_MEMBER.replace("_16k_op15", "")))
+    audio = rng.normal(0, 0.1, 512 * 500).astype(np.float32)
+    peer.push(audio[: 512 * 20])
+    t0 = time.process_time()
+    peer.push(audio)
+    out["onnxruntime_ms_per_window_batch1"] = round((time.process_time() - t0) / 500 * 1e3, 4)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_vad", description=__doc__.splitlines()[0])
-    p.add_argument("--duration", type=float, default=15.0, help="seconds per load run")
-    p.add_argument("--ramp-up", type=float, default=3.0)
-    p.add_argument("--utterance-s", type=float, default=4.0)
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per load run")
+    p.add_argument("--ramp-up", type=float, default=5.0)
+    # Long streams: the peer builds an ONNX Runtime session per stream (~70 ms).
+    p.add_argument("--utterance-s", type=float, default=20.0)
     p.add_argument("--target-p99-ms", type=float, default=100.0)
     p.add_argument("--first-probe", type=int, default=64, help="capacity search starts here")
     p.add_argument("--max-streams", type=int, default=1024)
@@ -135,7 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-capacity", action="store_true")
     p.add_argument("--only", choices=["ours", "peer"], default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--bare", action="store_true", help="only the bare step vs ONNX Runtime")
+    p.add_argument(
+        "--serve-args", default="", help="extra sl-serve flags, e.g. '--max-batch-delay-ms 20'"
+    )
     args = p.parse_args(argv)
+    if args.bare:
+        print(json.dumps(bare(), indent=2))
+        return 0
     if not (MODEL_DIR / "model.json").is_file():
         print(f"{MODEL_DIR} missing: run `make silero-vad` first.", file=sys.stderr)
         return 2
@@ -145,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [str(BIN / "sl-serve"), "--model", f"silero-vad={MODEL_DIR}"]
         cmd += ["--max-streams", str(args.max_streams), "--chunk-blocks", "3"]
         cmd += ["--grpc-port", "50301", "--http-port", str(http), "--log-level", "warning"]
+        cmd += args.serve_args.split()
         url = f"ws://127.0.0.1:{http}"
         with _server(cmd, f"http://127.0.0.1:{http}/readyz") as proc:
             results.append(_measure("sl-serve", url, proc.pid, _load_args(url, args, 3), args))
