@@ -115,3 +115,22 @@ def test_import_errors_are_clear(wheel: Path, tmp_path: Path) -> None:
     reshaped["model.encoder.1.reparam_conv.weight"] = np.zeros((64, 128, 5), np.float32)
     with pytest.raises(ModelLoadError, match=r"encoder\.1\.reparam_conv\.weight has shape"):
         silero_vad.to_variables(reshaped)
+
+
+def test_defaults_without_the_wheel_serve_the_rest(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server import defaults, serve
+
+    monkeypatch.setattr(silero_vad, "MODEL_DIR", tmp_path / "models" / "silero-vad")
+    monkeypatch.setattr(silero_vad, "BUILD_DIR", tmp_path)
+    monkeypatch.delenv("SL_SILERO_VAD_WHEEL", raising=False)
+    builtins = {"logmel": defaults.logmel, "silero-vad": defaults.silero_vad}
+    monkeypatch.setattr(serve, "BUILTIN_MODELS", builtins)
+    models = serve.load_models([])
+    assert sorted(models) == ["logmel"]
+    err = capsys.readouterr().err
+    assert "not serving silero-vad" in err and "make silero-vad" in err
+    # Asked for by name, it is an error that says how to get it.
+    with pytest.raises(ModelLoadError, match="make silero-vad"):
+        serve.load_models(["silero-vad"])
