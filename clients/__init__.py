@@ -6,6 +6,7 @@ from clients.client import AsyncWebSocketClient as AsyncWebSocketClient
 from clients.client import Client as Client
 from clients.client import Ended as Ended
 from clients.client import Output as Output
+from clients.client import Speech as Speech
 from clients.client import Started as Started
 from clients.client import StreamingError as StreamingError
 from clients.client import aconnect as aconnect

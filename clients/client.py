@@ -108,7 +108,17 @@ class Ended:
     totals: dict[str, Any]
 
 
-Event = Started | Output | Ended
+@dataclasses.dataclass(frozen=True)
+class Speech:
+    """A speech segment event (streams that asked for `speech_segments`):
+    `kind` is "speech_started" or "speech_stopped", `sample` the input
+    sample from the stream's start."""
+
+    kind: str
+    sample: int
+
+
+Event = Started | Output | Speech | Ended
 _CLOSE = object()  # ends the request iterator / the response stream
 Chunks = Iterable[np.ndarray] | AsyncIterable[np.ndarray]
 
@@ -159,6 +169,7 @@ def _model_info_dict(info: pb.ModelInfo) -> dict[str, Any]:
         "input_latency": info.input_latency,
         "output_latency": info.output_latency,
         "max_streams": info.max_streams,
+        "speech_segments": info.speech_segments,
     }
 
 
@@ -212,9 +223,17 @@ class AsyncGrpcClient:
         return _model_info_dict(info)
 
     async def stream(
-        self, model: str, chunks: Chunks, *, stream_id: str | None = None
+        self,
+        model: str,
+        chunks: Chunks,
+        *,
+        stream_id: str | None = None,
+        speech_segments: dict[str, Any] | None = None,
     ) -> AsyncIterator[Event]:
         """Sends `chunks` (arrays `[frames, *c]`, float32 or int16) and yields events.
+
+        `speech_segments` (a dict of SpeechSegmentsConfig fields, `{}` for the
+        defaults) asks for `Speech` events.
 
         The call runs on grpc's synchronous API in a thread: its asyncio API
         reports INTERNAL instead of the server's status when the server ends a
@@ -227,6 +246,8 @@ class AsyncGrpcClient:
         config = pb.StreamConfig(model=model)
         if stream_id is not None:
             config.stream_id = stream_id
+        if speech_segments is not None:
+            config.speech_segments.CopyFrom(pb.SpeechSegmentsConfig(**speech_segments))
         holder: dict[str, Any] = {}
 
         def request_iterator() -> Iterator[pb.StreamRequest]:
@@ -266,6 +287,8 @@ class AsyncGrpcClient:
                     yield Started(resp.started.stream_id, _model_info_dict(resp.started.model))
                 elif kind == "output":
                     yield Output(decode_tensor(resp.output.tensor), resp.output.offset)
+                elif kind in ("speech_started", "speech_stopped"):
+                    yield Speech(kind, getattr(resp, kind).sample)
                 elif kind == "ended":
                     e = resp.ended
                     yield Ended(
@@ -303,11 +326,21 @@ class AsyncWebSocketClient:
         return None
 
     async def stream(
-        self, model: str, chunks: Chunks, *, dtype: str = "float32", stream_id: str | None = None
+        self,
+        model: str,
+        chunks: Chunks,
+        *,
+        dtype: str = "float32",
+        stream_id: str | None = None,
+        speech_segments: dict[str, Any] | None = None,
     ) -> AsyncIterator[Event]:
         url = f"{self.base_url}/v1/models/{quote(model)}/stream?dtype={dtype}"
         if stream_id:
             url += f"&stream_id={quote(stream_id)}"
+        if speech_segments is not None:
+            url += "&speech_segments=1" + "".join(
+                f"&{k}={quote(str(v))}" for k, v in speech_segments.items()
+            )
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
         wire = np.dtype("<f4") if dtype == "float32" else np.dtype("<i2")
         kwargs: dict[str, Any] = {"additional_headers": headers, "max_size": 16 * 1024 * 1024}
@@ -340,6 +373,8 @@ class AsyncWebSocketClient:
                         return
                     if event["type"] == "error":
                         raise error_for(event["code"], event["message"])
+                    if event["type"] in ("speech_started", "speech_stopped"):
+                        yield Speech(event["type"], int(event["sample"]))
             finally:
                 sender.cancel()
                 if sender.done() and not sender.cancelled() and sender.exception():

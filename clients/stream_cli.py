@@ -2,6 +2,11 @@
 
 sl-stream --url grpc://127.0.0.1:50051 --model logmel speech.wav mel.npy
 sl-stream --url ws://127.0.0.1:8080 --model demo-asr speech.wav logits.npy --realtime
+sl-stream --url grpc://127.0.0.1:50051 --model silero-vad speech.wav probs.npy
+
+For a model with a speech-probability output (ModelInfo.speech_segments,
+e.g. silero-vad) it also prints the file's speech segments, by Silero's
+offline rule over the whole file (`clients/segments.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from clients.client import (
     aconnect,
     frames_for_ms,
 )
+from clients.segments import speech_segments
 
 
 def read_input(path: str) -> tuple[np.ndarray, int | None]:
@@ -104,7 +110,23 @@ async def run(args: argparse.Namespace) -> int:
     print(
         f"{args.input}: {total} frames in, {len(y)} frames out in {elapsed:.2f} s -> {args.output}"
     )
+    if info and info.get("speech_segments") and len(y):
+        print_segments(y, total, info)
     return 0
+
+
+def print_segments(probs: np.ndarray, samples: int, info: dict) -> None:
+    """One line per speech segment: input samples and seconds."""
+    ratio = info["output_ratio"]
+    window = ratio["denominator"] // ratio["numerator"]
+    rate = info.get("sample_rate") or 16000
+    segments = speech_segments(
+        probs[:, 0].tolist(), sample_rate=rate, window=window, audio_length_samples=samples
+    )
+    print(f"speech segments: {len(segments)}")
+    for seg in segments:
+        start, end = seg["start"], seg["end"]
+        print(f"  {start}-{end} samples  {start / rate:.3f}-{end / rate:.3f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+import websockets
 
 from clients.client import Ended, Output, Started, StreamingError, aconnect
 
@@ -118,6 +119,10 @@ async def one_utterance(
                 continue
     except StreamingError as e:
         return StreamResult(latencies, first, len(audio) / rate, time.monotonic() - start, e.code)
+    except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as e:
+        # A server too loaded to accept the connection: an error of the run, not a crash.
+        elapsed = time.monotonic() - start
+        return StreamResult(latencies, first, len(audio) / rate, elapsed, type(e).__name__)
     return StreamResult(latencies, first, len(audio) / rate, time.monotonic() - start)
 
 

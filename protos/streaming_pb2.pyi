@@ -29,12 +29,26 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
-    __slots__ = ("model", "stream_id")
+    __slots__ = ("model", "stream_id", "speech_segments")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     stream_id: str
-    def __init__(self, model: _Optional[str] = ..., stream_id: _Optional[str] = ...) -> None: ...
+    speech_segments: SpeechSegmentsConfig
+    def __init__(self, model: _Optional[str] = ..., stream_id: _Optional[str] = ..., speech_segments: _Optional[_Union[SpeechSegmentsConfig, _Mapping]] = ...) -> None: ...
+
+class SpeechSegmentsConfig(_message.Message):
+    __slots__ = ("threshold", "neg_threshold", "min_silence_duration_ms", "speech_pad_ms")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    NEG_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MIN_SILENCE_DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_PAD_MS_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    neg_threshold: float
+    min_silence_duration_ms: int
+    speech_pad_ms: int
+    def __init__(self, threshold: _Optional[float] = ..., neg_threshold: _Optional[float] = ..., min_silence_duration_ms: _Optional[int] = ..., speech_pad_ms: _Optional[int] = ...) -> None: ...
 
 class EndOfStream(_message.Message):
     __slots__ = ()
@@ -59,7 +73,7 @@ class Ratio(_message.Message):
     def __init__(self, numerator: _Optional[int] = ..., denominator: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "description", "input_shape", "input_dtype", "output_shape", "output_dtype", "sample_rate", "block_size", "output_ratio", "input_latency", "output_latency", "max_streams")
+    __slots__ = ("name", "description", "input_shape", "input_dtype", "output_shape", "output_dtype", "sample_rate", "block_size", "output_ratio", "input_latency", "output_latency", "max_streams", "speech_segments")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +86,7 @@ class ModelInfo(_message.Message):
     INPUT_LATENCY_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_LATENCY_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -84,7 +99,8 @@ class ModelInfo(_message.Message):
     input_latency: int
     output_latency: int
     max_streams: int
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., output_shape: _Optional[_Iterable[int]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., sample_rate: _Optional[int] = ..., block_size: _Optional[int] = ..., output_ratio: _Optional[_Union[Ratio, _Mapping]] = ..., input_latency: _Optional[int] = ..., output_latency: _Optional[int] = ..., max_streams: _Optional[int] = ...) -> None: ...
+    speech_segments: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DType, str]] = ..., output_shape: _Optional[_Iterable[int]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., sample_rate: _Optional[int] = ..., block_size: _Optional[int] = ..., output_ratio: _Optional[_Union[Ratio, _Mapping]] = ..., input_latency: _Optional[int] = ..., output_latency: _Optional[int] = ..., max_streams: _Optional[int] = ..., speech_segments: _Optional[bool] = ...) -> None: ...
 
 class StreamStarted(_message.Message):
     __slots__ = ("model", "stream_id")
@@ -114,15 +130,31 @@ class StreamEnded(_message.Message):
     duration_seconds: float
     def __init__(self, frames_in: _Optional[int] = ..., frames_out: _Optional[int] = ..., ticks: _Optional[int] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
 
+class SpeechStarted(_message.Message):
+    __slots__ = ("sample",)
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    sample: int
+    def __init__(self, sample: _Optional[int] = ...) -> None: ...
+
+class SpeechStopped(_message.Message):
+    __slots__ = ("sample",)
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    sample: int
+    def __init__(self, sample: _Optional[int] = ...) -> None: ...
+
 class StreamResponse(_message.Message):
-    __slots__ = ("started", "output", "ended")
+    __slots__ = ("started", "output", "ended", "speech_started", "speech_stopped")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_STARTED_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_STOPPED_FIELD_NUMBER: _ClassVar[int]
     started: StreamStarted
     output: StreamOutput
     ended: StreamEnded
-    def __init__(self, started: _Optional[_Union[StreamStarted, _Mapping]] = ..., output: _Optional[_Union[StreamOutput, _Mapping]] = ..., ended: _Optional[_Union[StreamEnded, _Mapping]] = ...) -> None: ...
+    speech_started: SpeechStarted
+    speech_stopped: SpeechStopped
+    def __init__(self, started: _Optional[_Union[StreamStarted, _Mapping]] = ..., output: _Optional[_Union[StreamOutput, _Mapping]] = ..., ended: _Optional[_Union[StreamEnded, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_stopped: _Optional[_Union[SpeechStopped, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

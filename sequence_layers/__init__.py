@@ -90,6 +90,10 @@ from sequence_layers.dsp import Lookahead as Lookahead
 from sequence_layers.dsp import OverlapAdd as OverlapAdd
 from sequence_layers.fft import Window as Window
 
+# framewise (a network inside each frame)
+from sequence_layers.framewise import FramePad as FramePad
+from sequence_layers.framewise import PerFrame as PerFrame
+
 # normalization
 from sequence_layers.normalization import BatchNormalization as BatchNormalization
 from sequence_layers.normalization import GroupNormalization as GroupNormalization

@@ -3,6 +3,7 @@
 sl-models list
 sl-models export demo-asr ./models/demo-asr
 sl-models export --programs demo-asr ./models/demo-asr   # + jax.export step programs
+sl-models import silero-vad ./models/silero-vad   # official weights, from the PyPI wheel
 sl-offline demo-asr input.npy output.npy     # or a model directory
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from server import silero_vad
 from server.defaults import BUILTIN_MODELS
 from server.errors import ModelLoadError
 from server.model import ServableModel, load_model_dir, save_model_dir
@@ -48,10 +50,31 @@ def models_main(argv: list[str] | None = None) -> int:
         "--platforms",
         help="platforms to export the programs for, e.g. cpu,cuda (default: this machine's)",
     )
+    imp = sub.add_parser(
+        "import", help="import a published model's official weights as a model directory"
+    )
+    imp.add_argument("name", choices=["silero-vad"])
+    imp.add_argument("directory")
+    imp.add_argument(
+        "--wheel",
+        help=f"the silero-vad wheel (default: build/{silero_vad.WHEEL}, `make` fetches it)",
+    )
     args = parser.parse_args(argv)
+    if args.command == "import":
+        try:
+            path = silero_vad.import_to(args.directory, args.wheel)
+        except ModelLoadError as e:
+            print(f"sl-models import: {e}", file=sys.stderr)
+            return 2
+        print(f"imported {args.name} into {path}")
+        return 0
     if args.command == "list":
         for name in sorted(BUILTIN_MODELS):
-            info = BUILTIN_MODELS[name]().info()
+            try:
+                info = BUILTIN_MODELS[name]().info()
+            except ModelLoadError as e:
+                print(f"{name}\tnot available: {e}")
+                continue
             print(
                 f"{name}\tin {list(info.input_shape)} out {list(info.output_shape)} "
                 f"ratio {info.output_ratio} block {info.block_size} "

@@ -69,8 +69,22 @@ def logmel() -> ServableModel:
     )
 
 
+def silero_vad() -> ServableModel:
+    """Silero VAD with its official weights: the model directory `make
+    silero-vad` imported under build/, or imported now from the fetched wheel.
+    Raises ModelLoadError saying how to fetch it when neither is there."""
+    from server import silero_vad as vad
+
+    return vad.load_builtin()
+
+
 BUILTIN_MODELS: dict[str, Callable[[], ServableModel]] = {
     "demo-asr": demo_asr,
     "demo-vocoder": demo_vocoder,
     "logmel": logmel,
+    "silero-vad": silero_vad,
 }
+
+# Built-ins whose weights are downloaded (not generated): serving all the
+# defaults skips them, with a message, when they cannot be had.
+DOWNLOADED_MODELS = frozenset({"silero-vad"})

@@ -23,9 +23,16 @@ from protos import streaming_pb2 as pb
 from protos import streaming_pb2_grpc as pb_grpc
 from server.errors import InvalidArgument, StreamError, Unauthenticated
 from server.runtime import Runtime
+from server.segments import SpeechEvent
 from server.session import Ended, Output, Session
 from server.stats import ChunkStats, ErrorStats
-from server.wire import array_to_tensor, grpc_status, model_info_to_proto, tensor_to_array
+from server.wire import (
+    array_to_tensor,
+    grpc_status,
+    model_info_to_proto,
+    segment_options_from_proto,
+    tensor_to_array,
+)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StreamingInference"].full_name
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -91,6 +98,8 @@ class StreamingService(pb_grpc.StreamingInferenceServicer):
             stream_id = first.config.stream_id if first.config.HasField("stream_id") else None
             model = first.config.model
             session = self.runtime.open_stream(model, stream_id)
+            if first.config.HasField("speech_segments"):
+                session.request_segments(segment_options_from_proto(first.config.speech_segments))
             yield pb.StreamResponse(
                 started=pb.StreamStarted(
                     model=model_info_to_proto(session.info), stream_id=session.stream_id
@@ -113,6 +122,11 @@ class StreamingService(pb_grpc.StreamingInferenceServicer):
                             item.frames.shape[0],
                         )
                     )
+                elif isinstance(item, SpeechEvent):
+                    if item.kind == "speech_started":
+                        yield pb.StreamResponse(speech_started=pb.SpeechStarted(sample=item.sample))
+                    else:
+                        yield pb.StreamResponse(speech_stopped=pb.SpeechStopped(sample=item.sample))
                 elif isinstance(item, Ended):
                     yield pb.StreamResponse(
                         ended=pb.StreamEnded(

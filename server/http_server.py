@@ -7,6 +7,13 @@ sends binary little-endian frames `[frames, *C]` and a text `{"type": "end"}`;
 the server sends each output as binary float32 `[frames, *C]`, then text
 `{"type": "ended", ...}` and closes with 1000. Errors: text `{"type": "error",
 "code", "message"}` then a close code from `server.wire.WS_CLOSE_CODES`.
+
+Speech segments (models with `speech_segments`, e.g. silero-vad): add
+`&speech_segments=1` and optionally `threshold`, `neg_threshold`,
+`min_silence_duration_ms`, `speech_pad_ms` to the URL; after the output that
+causes them the server sends text `{"type": "speech_started", "sample": N}`
+and `{"type": "speech_stopped", "sample": N}` (input samples from the
+stream's start). Clients that do not ask get none.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ from fastapi.staticfiles import StaticFiles
 from server.errors import InvalidArgument, StreamError, Unauthenticated
 from server.model import ModelInfo
 from server.runtime import Runtime
+from server.segments import SpeechEvent
 from server.session import Ended, Output, Session
 from server.stats import ChunkStats, ErrorStats
-from server.wire import decode_ws_frames, ws_close_code
+from server.wire import decode_ws_frames, segment_options_from_query, ws_close_code
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "clients" / "web"
 
@@ -140,6 +148,9 @@ def create_app(
             if dtype not in ("float32", "int16"):
                 raise InvalidArgument(f"dtype={dtype!r} is not supported; use float32 or int16.")
             session = runtime.open_stream(model, websocket.query_params.get("stream_id"))
+            segments = segment_options_from_query(websocket.query_params)
+            if segments is not None:
+                session.request_segments(segments)
             info = session.info
             await websocket.send_text(
                 json.dumps({"type": "started", **info.to_json(), "stream_id": session.stream_id})
@@ -157,6 +168,10 @@ def create_app(
                             time.monotonic() - item.received_at,
                             item.frames.shape[0],
                         )
+                    )
+                elif isinstance(item, SpeechEvent):
+                    await websocket.send_text(
+                        json.dumps({"type": item.kind, "sample": item.sample})
                     )
                 elif isinstance(item, Ended):
                     await websocket.send_text(

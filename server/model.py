@@ -4,6 +4,8 @@ A model directory holds:
 - `model.json`: `{"format": "sequence_layers_serving.model", "version": 1,
   "name", "description", "input": {"shape": [...], "dtype": "float32"},
   "sample_rate", "config": <sequence_layers.serialization dict>}`
+  optional `"speech_segments": true` (output channel 0 is a speech
+  probability; streams may ask for speech segments)
 - `params/`: an orbax checkpoint of the layer's variables.
 - optionally `programs/` (model.json `"programs"`): the step exported with
   `jax.export` (see `server.programs`), so the model serves without its
@@ -60,6 +62,8 @@ class ModelInfo:
     input_latency: int
     output_latency: int
     max_streams: int = 0
+    # Output channel 0 is a speech probability: streams may ask for speech segments.
+    speech_segments: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -89,6 +93,9 @@ class ServableModel:
     input_dtype: str = "float32"
     sample_rate: int = 0
     description: str = ""
+    # Output channel 0 is a speech probability per window: streams may ask
+    # for speech_started / speech_stopped events (server/segments.py).
+    speech_segments: bool = False
     exported: ExportedProgram | None = None
 
     def __post_init__(self) -> None:
@@ -157,6 +164,7 @@ class ServableModel:
             input_latency=sig.input_latency,
             output_latency=sig.output_latency,
             max_streams=max_streams,
+            speech_segments=self.speech_segments,
         )
 
     def offline(self, x: np.ndarray) -> np.ndarray:
@@ -280,6 +288,8 @@ def save_model_dir(
         "sample_rate": model.sample_rate,
         "config": serialization.to_dict(model.config),
     }
+    if model.speech_segments:
+        doc["speech_segments"] = True
     if programs:
         doc["version"] = 2
         doc["programs"] = export_programs(
@@ -338,6 +348,7 @@ def load_model_dir(directory: str | os.PathLike[str], name: str | None = None) -
             input_dtype=input_dtype,
             sample_rate=int(doc.get("sample_rate", 0)),
             description=doc.get("description", ""),
+            speech_segments=bool(doc.get("speech_segments", False)),
             exported=exported,
         )
     except KeyError as e:

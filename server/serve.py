@@ -6,7 +6,7 @@ drain: readiness false, new streams refused (UNAVAILABLE / close 1013),
 streams in flight get `--drain-seconds` to finish, the rest end with
 UNAVAILABLE -> exit 0.
 
-    sl-serve                                 # built-in demo-asr, demo-vocoder, logmel
+    sl-serve                                 # built-ins: demo-asr, demo-vocoder, logmel, silero-vad
     sl-serve --model asr=./models/asr --max-streams 64 --api-key-file key.txt
 """
 
@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from server.compile_cache import enable_compile_cache
 from server.config_file import ConfigFileError, load_config_file, scheduler_config
-from server.defaults import BUILTIN_MODELS
+from server.defaults import BUILTIN_MODELS, DOWNLOADED_MODELS
 from server.errors import ModelLoadError
 from server.grpc_server import GrpcServer
 from server.http_server import create_app
@@ -113,7 +113,15 @@ def load_models(specs: list[str], default_builtins: bool = True) -> dict[str, Se
     if not specs:
         if not default_builtins:
             return {}
-        return {name: build() for name, build in BUILTIN_MODELS.items()}
+        models = {}
+        for name, build in BUILTIN_MODELS.items():
+            try:
+                models[name] = build()
+            except ModelLoadError as e:
+                if name not in DOWNLOADED_MODELS:
+                    raise
+                print(f"sl-serve: not serving {name}: {e}", file=sys.stderr, flush=True)
+        return models
     models: dict[str, ServableModel] = {}
     for spec in specs:
         if "=" in spec:

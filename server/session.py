@@ -25,6 +25,7 @@ import numpy as np
 
 from server.errors import InvalidArgument, ResourceExhausted, StreamError
 from server.model import ModelInfo, prepare_input
+from server.segments import SegmentOptions, SpeechEvent, SpeechSegmenter
 
 if TYPE_CHECKING:
     from server.scheduler import Scheduler
@@ -114,6 +115,8 @@ class Session:
         self.last_read = now
         self.first_output_at: float | None = None
         self.outcome: str | None = None
+        # Set by `request_segments`; runs on the transport's loop in `outputs()`.
+        self._segmenter: SpeechSegmenter | None = None
 
     # Transport side (asyncio loop) -------------------------------------------
 
@@ -183,8 +186,25 @@ class Session:
                 self._finish_locked(error, outcome)
         self.scheduler.wake()
 
-    async def outputs(self) -> AsyncIterator[Output | Ended]:
-        """Yields `Output`s, then one `Ended`; raises the stream's `StreamError`."""
+    def request_segments(self, options: SegmentOptions) -> None:
+        """Adds `SpeechEvent`s after the outputs that cause them. Call before
+        the first `send`; the model must declare `speech_segments`."""
+        info = self.info
+        if not info.speech_segments:
+            raise InvalidArgument(
+                f"model {info.name!r} has no speech-probability output; speech segments are "
+                "available on models that declare speech_segments (e.g. silero-vad)."
+            )
+        window = 1 / info.output_ratio
+        if window.denominator != 1:
+            raise InvalidArgument(
+                f"model {info.name!r}: output_ratio {info.output_ratio} is not 1/n."
+            )
+        self._segmenter = SpeechSegmenter(options, int(window), info.sample_rate or 16000)
+
+    async def outputs(self) -> AsyncIterator[Output | SpeechEvent | Ended]:
+        """Yields `Output`s (each followed by the `SpeechEvent`s it causes, if
+        requested), then one `Ended`; raises the stream's `StreamError`."""
         while True:
             item = await self._queue.get()
             with self.scheduler.lock:
@@ -200,6 +220,9 @@ class Session:
             yield item
             if isinstance(item, Ended):
                 return
+            if self._segmenter is not None:
+                for event in self._segmenter.push(item.frames[:, 0].tolist()):
+                    yield event
 
     # Validation ---------------------------------------------------------------
 

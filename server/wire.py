@@ -4,6 +4,8 @@ from runtime errors to transport codes (gRPC status, WebSocket close)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 import numpy as np
@@ -11,6 +13,7 @@ import numpy as np
 from protos import streaming_pb2 as pb
 from server.errors import InvalidArgument, ResourceExhausted, StreamError
 from server.model import ModelInfo
+from server.segments import SegmentOptions
 
 _NP_BY_DTYPE = {pb.FLOAT32: np.dtype("<f4"), pb.INT16: np.dtype("<i2"), pb.INT32: np.dtype("<i4")}
 _DTYPE_BY_NAME = {"float32": pb.FLOAT32, "int16": pb.INT16, "int32": pb.INT32}
@@ -95,4 +98,33 @@ def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
         input_latency=info.input_latency,
         output_latency=info.output_latency,
         max_streams=info.max_streams,
+        speech_segments=info.speech_segments,
     )
+
+
+def segment_options_from_proto(config: pb.SpeechSegmentsConfig) -> SegmentOptions:
+    """gRPC `SpeechSegmentsConfig` -> options; unset fields keep the defaults."""
+    fields = ("threshold", "neg_threshold", "min_silence_duration_ms", "speech_pad_ms")
+    return SegmentOptions(**{f: getattr(config, f) for f in fields if config.HasField(f)})
+
+
+def segment_options_from_query(params: Mapping[str, str]) -> SegmentOptions | None:
+    """WebSocket query `?speech_segments=1&threshold=0.5&neg_threshold=..&
+    min_silence_duration_ms=100&speech_pad_ms=30` -> options (None if not asked)."""
+    if params.get("speech_segments", "").lower() not in ("1", "true", "yes"):
+        return None
+    kwargs: dict[str, Any] = {}
+    for name, cast in (
+        ("threshold", float),
+        ("neg_threshold", float),
+        ("min_silence_duration_ms", int),
+        ("speech_pad_ms", int),
+    ):
+        if name in params:
+            try:
+                kwargs[name] = cast(params[name])
+            except ValueError:
+                raise InvalidArgument(
+                    f"query parameter {name}={params[name]!r} is not a {cast.__name__}."
+                ) from None
+    return SegmentOptions(**kwargs)

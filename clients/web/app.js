@@ -2,12 +2,16 @@
 // (binary float32 frames) -> server; outputs drawn as a scrolling heatmap.
 // ?model=NAME&autostart=1&seconds=N streams for N seconds, then sends end
 // (used by the headless browser test).
+// Models with a speech-probability output (ModelInfo.speech_segments, e.g.
+// silero-vad) also get the live probability and the speech segments the
+// server detects (speech_started / speech_stopped events).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 let ws = null, audio = null, stream = null, info = null, stopTimer = null;
-let sent = 0, received = 0, column = 0;
+let sent = 0, received = 0, column = 0, probX = 0, openSegment = null, segmentCount = 0;
+const modelsByName = {};
 
 function setCount(id, n) { const el = $(id); el.textContent = String(n); el.dataset.count = String(n); }
 function setStatus(s) { $("status").textContent = s; document.body.dataset.status = s; }
@@ -24,6 +28,7 @@ async function loadModels() {
     const opt = document.createElement("option");
     opt.value = m.name; opt.textContent = m.name; opt.disabled = !m.sample_rate;
     select.appendChild(opt);
+    modelsByName[m.name] = m;
   }
   const wanted = params.get("model");
   if (wanted) select.value = wanted;
@@ -54,6 +59,40 @@ function drawFrames(frames, width) {
   }
 }
 
+function drawProbabilities(frames, width) {
+  // Channel 0 is the speech probability: a scrolling trace on [0, 1] with
+  // the default threshold (0.5) as a dashed line.
+  const canvas = $("prob"), ctx = canvas.getContext("2d"), h = canvas.height;
+  for (let f = 0; f < frames.length / width; f++) {
+    const p = frames[f * width];
+    if (probX >= canvas.width) { ctx.drawImage(canvas, -2, 0); probX = canvas.width - 2; }
+    ctx.fillStyle = "#0b0f19"; ctx.fillRect(probX, 0, 2, h);
+    ctx.fillStyle = "#445"; ctx.fillRect(probX, h / 2, 2, 1);
+    ctx.fillStyle = p >= 0.5 ? "#4caf50" : "#8899aa";
+    const y = Math.round((1 - p) * (h - 1));
+    ctx.fillRect(probX, y, 2, h - y);
+    probX += 2;
+    $("prob-now").textContent = p.toFixed(3);
+  }
+}
+
+function onSpeech(msg, rate) {
+  const seconds = (msg.sample / rate).toFixed(2);
+  if (msg.type === "speech_started") {
+    openSegment = document.createElement("li");
+    openSegment.textContent = `${seconds} s - ...`;
+    openSegment.dataset.start = String(msg.sample);
+    $("segments").appendChild(openSegment);
+    $("speaking").textContent = "yes";
+    segmentCount += 1; setCount("segment-count", segmentCount);
+  } else if (openSegment) {
+    openSegment.textContent = openSegment.textContent.replace("...", `${seconds} s`);
+    openSegment.dataset.end = String(msg.sample);
+    openSegment = null;
+    $("speaking").textContent = "no";
+  }
+}
+
 async function connect() {
   showError(""); setStatus("connecting");
   sent = 0; received = 0; column = 0; setCount("sent", 0); setCount("frames", 0);
@@ -62,6 +101,12 @@ async function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   let url = `${scheme}://${location.host}/v1/models/${encodeURIComponent(model)}/stream?dtype=float32`;
   if (token) url += "&token=" + encodeURIComponent(token);  // browsers cannot set headers
+  const vad = Boolean(modelsByName[model] && modelsByName[model].speech_segments);
+  if (vad) url += "&speech_segments=1";
+  $("vad").hidden = !vad;
+  $("heatmap").hidden = vad;  // one channel: the probability trace says more
+  probX = 0; openSegment = null; segmentCount = 0; $("segments").innerHTML = "";
+  setCount("segment-count", 0);
   ws = new WebSocket(url);
   ws.binaryType = "arraybuffer";
   ws.onmessage = async (event) => {
@@ -70,13 +115,15 @@ async function connect() {
       if (msg.type === "started") { info = msg; await startAudio(msg); }
       else if (msg.type === "ended") { setCount("server-frames", msg.frames_out); setStatus("ended"); }
       else if (msg.type === "error") { showError(`${msg.code}: ${msg.message}`); setStatus("error"); }
+      else if (msg.type === "speech_started" || msg.type === "speech_stopped") onSpeech(msg, info.sample_rate);
       return;
     }
     const frames = new Float32Array(event.data);
     const width = info.output_shape.reduce((a, b) => a * b, 1);
     received += frames.length / width;
     setCount("frames", received);
-    drawFrames(frames, width);
+    if (info.speech_segments) drawProbabilities(frames, width);
+    else drawFrames(frames, width);
   };
   ws.onclose = (event) => {
     stopAudio();

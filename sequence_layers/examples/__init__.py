@@ -10,4 +10,5 @@ from sequence_layers.examples.asr import streaming_asr_encoder as streaming_asr_
 from sequence_layers.examples.blocks import benchmark_stacks as benchmark_stacks
 from sequence_layers.examples.blocks import conformer_block as conformer_block
 from sequence_layers.examples.blocks import transformer_block as transformer_block
+from sequence_layers.examples.vad import silero_vad as silero_vad
 from sequence_layers.examples.vocoder import vocoder as vocoder

@@ -89,6 +89,13 @@ async def drive_page(debug_port: int, artifact: Path) -> dict[str, object]:
         state["sent"] = int(
             await _evaluate(ws, "document.getElementById('sent').dataset.count", ids)
         )
+        state["vad_shown"] = await _evaluate(ws, "!document.getElementById('vad').hidden", ids)
+        state["segments"] = int(
+            await _evaluate(ws, "document.getElementById('segment-count').dataset.count", ids)
+        )
+        state["probability"] = await _evaluate(
+            ws, "document.getElementById('prob-now').textContent", ids
+        )
         ids[0] += 1
         await ws.send(
             json.dumps(
@@ -106,12 +113,43 @@ async def drive_page(debug_port: int, artifact: Path) -> dict[str, object]:
 def test_browser_streams_microphone_and_shows_frames(tmp_path: Path) -> None:
     wav = tmp_path / "speech.wav"
     write_wav(wav, 3.0)
+    state = _run_page(["--model", "logmel"], "logmel", wav, 2, "browser.png")
+    assert state["status"] == "ended", state
+    assert state["sent"] > 16000  # about 2 s of 16 kHz audio reached the server
+    assert state["frames"] > 0
+    assert state["frames"] == state["server_frames"], state
+    assert state["vad_shown"] is False and state["segments"] == 0
+
+
+def test_browser_shows_speech_probability_and_segments(tmp_path: Path) -> None:
+    from server import silero_vad
+    from tests.server.vad_audio import speech_mix, wheel_or_skip
+
+    directory = silero_vad.import_to(tmp_path / "vad", str(wheel_or_skip()))
+    x = speech_mix(0)[: 6 * 16000]
+    wav = tmp_path / "speech.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((x * 32767).astype("<i2").tobytes())
+    state = _run_page(["--model", f"silero-vad={directory}"], "silero-vad", wav, 6, "vad.png")
+    assert state["status"] == "ended", state
+    assert state["frames"] == state["server_frames"] > 100, state
+    assert state["vad_shown"] is True
+    assert state["segments"] >= 1, state  # espeak-ng speech was detected live
+    assert 0.0 <= float(str(state["probability"])) <= 1.0
+
+
+def _run_page(
+    model_args: list[str], model: str, wav: Path, seconds: int, screenshot: str
+) -> dict[str, object]:
     artifacts = ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
-    with running_server(["--model", "logmel", "--max-streams", "2", "--buckets", "2"]) as server:
+    with running_server([*model_args, "--max-streams", "2", "--buckets", "2"]) as server:
         debug_port = free_port()
         profile = tempfile.mkdtemp(prefix="chromium-")
-        url = f"{server.http_url}/?model=logmel&autostart=1&seconds=2"
+        url = f"{server.http_url}/?model={model}&autostart=1&seconds={seconds}"
         browser = subprocess.Popen(
             [
                 str(CHROMIUM),
@@ -136,13 +174,10 @@ def test_browser_streams_microphone_and_shows_frames(tmp_path: Path) -> None:
             stderr=subprocess.DEVNULL,
         )
         try:
-            state = asyncio.run(drive_page(debug_port, artifacts / "browser.png"))
+            state = asyncio.run(drive_page(debug_port, artifacts / screenshot))
         finally:
             browser.kill()
             browser.wait(timeout=10)
             shutil.rmtree(profile, ignore_errors=True)
-    assert state["status"] == "ended", state
-    assert state["sent"] > 16000  # about 2 s of 16 kHz audio reached the server
-    assert state["frames"] > 0
-    assert state["frames"] == state["server_frames"], state
-    assert (artifacts / "browser.png").stat().st_size > 1000
+    assert (artifacts / screenshot).stat().st_size > 1000
+    return state

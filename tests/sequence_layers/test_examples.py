@@ -52,6 +52,7 @@ _CONFIGS = {
     "logmel_frontend": lambda: sl.Serial.Config(examples.logmel_frontend()),
     "vocoder": lambda: examples.vocoder(num_mel_bins=8, channels=(8, 8, 4, 4)),
     "vocoder_default": examples.vocoder,
+    "silero_vad": examples.silero_vad,
 }
 
 

@@ -604,13 +604,36 @@ _EXAMPLES = [
         ),
         (2,),
     ),
+    (
+        "sequence_layers.framewise",
+        lambda m: importlib.import_module("sequence_layers.combinators").Serial.Config(
+            (
+                m.FramePad.Config((0, 2), mode="reflect"),
+                m.PerFrame.Config(
+                    importlib.import_module("sequence_layers.convolution").Conv1D.Config(
+                        3, kernel_size=3, strides=2, padding="valid"
+                    )
+                ),
+            )
+        ),
+        (6, 2),
+    ),
 ]
 
 
 @pytest.mark.parametrize(
     ("module", "build", "channel_shape"),
     _EXAMPLES,
-    ids=["Dense", "Conv1D", "LSTM", "LayerNormalization", "STFT", "SelfAttention", "Serial"],
+    ids=[
+        "Dense",
+        "Conv1D",
+        "LSTM",
+        "LayerNormalization",
+        "STFT",
+        "SelfAttention",
+        "Serial",
+        "PerFrame",
+    ],
 )
 def test_layer_example_round_trip(
     module: str, build: Callable[[Any], Any], channel_shape: tuple[int, ...]
