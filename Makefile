@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint format clean system-deps
+.PHONY: serve test lint format clean system-deps bench-ref
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ system-deps:
 test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
+
+# This library against google/sequence-layers, side by side; the reference is
+# installed into build/ref-venv on first use (never a project dependency).
+bench-ref: $(STAMP)
+	$(BIN)/python -m loadtests.bench_vs_reference $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -182,10 +182,11 @@ class _GatedRNN(types.SequenceLayer):
 
     @nn.nowrap
     def _cell(
-        self, params: dict[str, jax.Array], xw: jax.Array, state: Any
+        self, params: dict[str, jax.Array], xw: tuple[jax.Array, ...], state: Any
     ) -> tuple[jax.Array, Any]:
-        """One frame: `xw [b, 1, gates * units]` (input projection plus input
-        bias) and the state -> (`y [b, 1, units]`, new state)."""
+        """One frame: `xw`, the input projection plus input bias split per
+        gate (`num_gates` arrays `[b, units]`), and the state (leaves
+        `[b, units]`) -> (`y [b, units]`, new state)."""
         raise NotImplementedError
 
     @nn.nowrap
@@ -201,21 +202,37 @@ class _GatedRNN(types.SequenceLayer):
         # backward pass would still poison the parameter gradients.
         x = x.mask_invalid()
         params = jax.tree.map(lambda p: p.astype(dtype), self._params(x.shape[-1]))
+        # The input projection runs once for the whole block, outside the
+        # scan, and time-major: projecting `[b, t, d]` and then swapping
+        # axes made XLA:CPU emit the matmul with a transposed output layout,
+        # 4x slower (11 vs 2.6 ms for [32, 256, 80] x [80, 384]).
         xw = jnp.einsum(
-            "btd,dg->btg", x.values.astype(dtype), params["kernel"], precision=self.config.precision
+            "tbd,dg->tbg",
+            jnp.swapaxes(x.values, 0, 1).astype(dtype),
+            params["kernel"],
+            precision=self.config.precision,
         )
         if self.config.use_bias:
             xw = xw + params["bias"]
+        # Split per gate before the scan: slicing one wide row inside the
+        # loop body made XLA copy it into every gate's fusion (GRU layer 2x
+        # slower than an unhoisted scan at batch 32).
+        gates = tuple(jnp.split(xw, self._num_gates, axis=-1))
+        # The carry is `[b, units]`; the `[b, 1, units]` state layout only
+        # matters at the boundary.
+        carry = jax.tree.map(lambda a: a[:, 0], state)
 
-        def body(carry: Any, inputs: tuple[jax.Array, jax.Array]) -> tuple[Any, jax.Array]:
+        def body(
+            carry: Any, inputs: tuple[tuple[jax.Array, ...], jax.Array]
+        ) -> tuple[Any, jax.Array]:
             xw_t, valid_t = inputs
-            y_t, new = self._cell(params, xw_t[:, None, :], carry)
+            y_t, new = self._cell(params, xw_t, carry)
             # Invalid frames carry the state through unchanged.
-            return _where_valid(valid_t, new, carry), y_t[:, 0, :]
+            return _where_valid(valid_t, new, carry), y_t
 
-        state, ys = jax.lax.scan(body, state, (jnp.swapaxes(xw, 0, 1), jnp.swapaxes(x.mask, 0, 1)))
+        carry, ys = jax.lax.scan(body, carry, (gates, jnp.swapaxes(x.mask, 0, 1)))
         y = Sequence(jnp.swapaxes(ys, 0, 1), x.mask)
-        return y.mask_invalid(), state
+        return y.mask_invalid(), jax.tree.map(lambda a: a[:, None], carry)
 
     @types.check_layer
     def layer(
@@ -301,8 +318,8 @@ class LSTM(_GatedRNN):
         self, params: dict[str, jax.Array], xw: jax.Array, state: Any
     ) -> tuple[jax.Array, Any]:
         c_prev, h_prev = state
-        z = xw + self._recurrent(params, h_prev)
-        zi, zf, zc, zo = jnp.split(z, 4, axis=-1)
+        hu = jnp.split(self._recurrent(params, h_prev), 4, axis=-1)
+        zi, zf, zc, zo = (a + b for a, b in zip(xw, hu, strict=True))
         act, gate = self.config.activation, self.config.recurrent_activation
         c = gate(zf) * c_prev + gate(zi) * act(zc)
         h = gate(zo) * act(c)
@@ -402,7 +419,7 @@ class GRU(_SingleStateRNN):
         hu = self._recurrent(params, h_prev)
         if self.config.use_bias:
             hu = hu + params["recurrent_bias"]
-        xz, xr, xn = jnp.split(xw, 3, axis=-1)
+        xz, xr, xn = xw
         hz, hr, hn = jnp.split(hu, 3, axis=-1)
         gate = self.config.recurrent_activation
         z = gate(xz + hz)
@@ -463,7 +480,7 @@ class RNN(_SingleStateRNN):
         self, params: dict[str, jax.Array], xw: jax.Array, state: Any
     ) -> tuple[jax.Array, Any]:
         (h_prev,) = state
-        h = self.config.activation(xw + self._recurrent(params, h_prev)).astype(h_prev.dtype)
+        h = self.config.activation(xw[0] + self._recurrent(params, h_prev)).astype(h_prev.dtype)
         return h, (h,)
 
 
