@@ -158,13 +158,18 @@ def _cases() -> dict[str, CaseFn]:
             sl.Serial.Config(tuple(sl.LSTM.Config(units=128) for _ in range(2))),
             80,
         ),
+        # The reference has no GRU or plain RNN: its side runs _ScanRNN.
         "gru x2 (ref: lax.scan)": lambda: (
-            (
-                sl.Serial.Config(tuple(sl.GRU.Config(units=128) for _ in range(2))),
-                80,
-            )
+            sl.Serial.Config(tuple(sl.GRU.Config(units=128) for _ in range(2)))
             if SIDE == "ours"
-            else (None, 80)
+            else "gru",
+            80,
+        ),
+        "rnn x2 (ref: lax.scan)": lambda: (
+            sl.Serial.Config(tuple(sl.RNN.Config(units=256) for _ in range(2)))
+            if SIDE == "ours"
+            else "rnn",
+            80,
         ),
         "dsa block d256": lambda: (
             _block(
@@ -227,40 +232,48 @@ def _cases() -> dict[str, CaseFn]:
     }
 
 
-class _ScanGRU:
-    """A plain `lax.scan` GRU stack (what a user of the reference, which has no
-    GRU, would write): per-frame input and recurrent projections in the scan
-    body, state carried through invalid frames. Same parameter layout as ours."""
+class _ScanRNN:
+    """A plain `lax.scan` GRU or Elman RNN stack: what a user of the reference
+    (which has neither) would write, with per-frame input and recurrent
+    projections in the scan body and the state carried through invalid
+    frames. Same parameter names and layout as ours, so ours copy across."""
 
-    def __init__(self, layers: int, units: int) -> None:
-        self.layers, self.units, self.block_size = layers, units, 1
+    def __init__(self, kind: str, layers: int, units: int) -> None:
+        self.kind, self.layers, self.units = kind, layers, units
+        self.gates = 3 if kind == "gru" else 1
 
     def init(self, key: jax.Array, channels: int) -> dict[str, Any]:
         params: dict[str, Any] = {}
         for i in range(self.layers):
             d = channels if i == 0 else self.units
             k1, k2, key = jax.random.split(key, 3)
-            u3 = 3 * self.units
+            g = self.gates * self.units
             params[f"layers_{i}"] = {
-                "kernel": {"kernel": jax.random.normal(k1, (d, u3)) / np.sqrt(d)},
-                "recurrent_kernel": {"kernel": jax.random.normal(k2, (self.units, u3)) * 0.1},
-                "bias": jnp.zeros((u3,)),
-                "recurrent_bias": jnp.zeros((u3,)),
+                "kernel": {"kernel": jax.random.normal(k1, (d, g)) / np.sqrt(d)},
+                "recurrent_kernel": {"kernel": jax.random.normal(k2, (self.units, g)) * 0.1},
+                "bias": jnp.zeros((g,)),
             }
+            if self.kind == "gru":
+                params[f"layers_{i}"]["recurrent_bias"] = jnp.zeros((g,))
         return {"params": params}
+
+    def _cell(self, p: dict[str, Any], x_t: jax.Array, h: jax.Array) -> jax.Array:
+        xw = x_t @ p["kernel"]["kernel"] + p["bias"]
+        hu = h @ p["recurrent_kernel"]["kernel"]
+        if self.kind == "rnn":
+            return jnp.tanh(xw + hu)
+        hu = hu + p["recurrent_bias"]
+        xz, xr, xn = jnp.split(xw, 3, axis=-1)
+        hz, hr, hn = jnp.split(hu, 3, axis=-1)
+        z = jax.nn.sigmoid(xz + hz)
+        r = jax.nn.sigmoid(xr + hr)
+        n = jnp.tanh(xn + r * hn)
+        return z * h + (1 - z) * n
 
     def _one(self, p: dict[str, Any], x: jax.Array, mask: jax.Array, h: jax.Array) -> Any:
         def body(h: jax.Array, inputs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
             x_t, m_t = inputs
-            xw = x_t @ p["kernel"]["kernel"] + p["bias"]
-            hu = h @ p["recurrent_kernel"]["kernel"] + p["recurrent_bias"]
-            xz, xr, xn = jnp.split(xw, 3, axis=-1)
-            hz, hr, hn = jnp.split(hu, 3, axis=-1)
-            z = jax.nn.sigmoid(xz + hz)
-            r = jax.nn.sigmoid(xr + hr)
-            n = jnp.tanh(xn + r * hn)
-            new = z * h + (1 - z) * n
-            new = jnp.where(m_t[:, None], new, h)
+            new = jnp.where(m_t[:, None], self._cell(p, x_t, h), h)
             return new, jnp.where(m_t[:, None], new, 0.0)
 
         h, ys = jax.lax.scan(body, h, (jnp.swapaxes(x, 0, 1), jnp.swapaxes(mask, 0, 1)))
@@ -307,8 +320,8 @@ class Case:
         name, batch = req["case"], req["batch"]
         config, channels = _cases()[name]()
         rng = np.random.default_rng(0)
-        if config is None:  # the reference has no GRU: a plain lax.scan stack
-            self._build_plain(rng, batch, req["units"], channels, req)
+        if isinstance(config, str):  # a plain lax.scan stack (see _ScanRNN)
+            self._build_plain(config, rng, batch, req["units"], channels, req)
             return
         model = config.make()
         # Properties only: binding creates no parameters.
@@ -350,9 +363,15 @@ class Case:
         self._setup(variables, layer, step, init_state, lambda t: x[:, t[0] : t[1]], req)
 
     def _build_plain(
-        self, rng: np.random.Generator, batch: int, frames: int, channels: int, req: dict[str, Any]
+        self,
+        kind: str,
+        rng: np.random.Generator,
+        batch: int,
+        frames: int,
+        channels: int,
+        req: dict[str, Any],
     ) -> None:
-        model = _ScanGRU(2, 128)
+        model = _ScanRNN(kind, 2, 128 if kind == "gru" else 256)
         lengths = np.full([batch], frames)
         lengths[-1] = frames - frames // 4
         values = jnp.asarray(rng.normal(size=(batch, frames, channels)).astype(np.float32))
