@@ -94,6 +94,10 @@ class _Weight(nn.Module):
         return self.param("kernel", self.initializer, self.shape, self.param_dtype)
 
 
+# Scans over at most this many frames are unrolled (see `_GatedRNN._run`).
+_FULL_UNROLL_FRAMES = 16
+
+
 def _where_valid(valid: jax.Array, new: Any, old: Any) -> Any:
     """Per row, `new` where `valid [b]` else `old` (state leaves are batch-major)."""
 
@@ -230,7 +234,11 @@ class _GatedRNN(types.SequenceLayer):
             # Invalid frames carry the state through unchanged.
             return _where_valid(valid_t, new, carry), y_t
 
-        carry, ys = jax.lax.scan(body, carry, (gates, jnp.swapaxes(x.mask, 0, 1)))
+        # Step blocks are short: unrolled, they skip XLA's while-loop
+        # bookkeeping per frame (LSTM x2 at batch 1, 8-frame steps: +15%).
+        # Long (layer-wise) scans stay rolled to keep compile time flat.
+        unroll = x.shape[1] <= _FULL_UNROLL_FRAMES
+        carry, ys = jax.lax.scan(body, carry, (gates, jnp.swapaxes(x.mask, 0, 1)), unroll=unroll)
         y = Sequence(jnp.swapaxes(ys, 0, 1), x.mask)
         return y.mask_invalid(), jax.tree.map(lambda a: a[:, None], carry)
 
