@@ -15,6 +15,9 @@ directory named by the driver.
         -> {"ok": true, "params_out": path, "copied": n, "total": m,
             "block_size": k, "frames": n * k}
     {"op": "time", "what": "layer" | "step1" | ..., "min_seconds": s} -> {"seconds": t}
+    {"op": "info"} -> {"side": "ours" | "reference", "jax": version, "cases": [...]}
+
+Errors come back as {"ok": false, "error": ..., "trace": ...}.
 """
 
 from __future__ import annotations
