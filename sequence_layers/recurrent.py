@@ -132,7 +132,7 @@ class _GatedRNN(types.SequenceLayer):
 
     config: Any
     _num_gates = 1
-    # Whether `_cell` gets the input projection split per gate (see `_run`).
+    # Whether `_cell` gets the input projection split per gate (see `_project`).
     _split_gates = False
 
     @property
@@ -197,6 +197,22 @@ class _GatedRNN(types.SequenceLayer):
         raise NotImplementedError
 
     @nn.nowrap
+    def _project(self, params: dict[str, jax.Array], x: jax.Array) -> tuple[jax.Array, ...]:
+        """Input projection plus bias of `x [..., d]`, as `_cell` takes it.
+
+        Split per gate or not as measured per cell on XLA:CPU ([32, 256]
+        frames): GRU, whose candidate needs its recurrent part apart, ran
+        2.3x faster split (9.0 vs 21 ms); LSTM, which adds the whole
+        recurrent projection and then splits, 2.4x faster whole.
+        """
+        xw = jnp.einsum("...d,dg->...g", x, params["kernel"], precision=self.config.precision)
+        if self.config.use_bias:
+            xw = xw + params["bias"]
+        if self._split_gates:
+            return tuple(jnp.split(xw, self._num_gates, axis=-1))
+        return (xw,)
+
+    @nn.nowrap
     def _recurrent(self, params: dict[str, jax.Array], h: jax.Array) -> jax.Array:
         return jnp.einsum(
             "...u,ug->...g", h, params["recurrent_kernel"], precision=self.config.precision
@@ -209,41 +225,31 @@ class _GatedRNN(types.SequenceLayer):
         # backward pass would still poison the parameter gradients.
         x = x.mask_invalid()
         params = jax.tree.map(lambda p: p.astype(dtype), self._params(x.shape[-1]))
-        # The input projection runs once for the whole block, outside the
-        # scan, and time-major: projecting `[b, t, d]` and then swapping
-        # axes made XLA:CPU emit the matmul with a transposed output layout,
-        # 4x slower (11 vs 2.6 ms for [32, 256, 80] x [80, 384]).
-        xw = jnp.einsum(
-            "tbd,dg->tbg",
-            jnp.swapaxes(x.values, 0, 1).astype(dtype),
-            params["kernel"],
-            precision=self.config.precision,
-        )
-        if self.config.use_bias:
-            xw = xw + params["bias"]
-        # How the projection enters the scan is measured per cell (XLA:CPU,
-        # [32, 256] frames): GRU, whose candidate needs its recurrent part
-        # apart, runs 2.3x faster with the gates split before the scan (9.0
-        # vs 21 ms); LSTM, which adds the whole recurrent projection and then
-        # splits, 2.4x faster unsplit (13.8 vs 32.7 ms).
-        gates = tuple(jnp.split(xw, self._num_gates, axis=-1)) if self._split_gates else (xw,)
+        # Time-major from here: projecting `[b, t, d]` and then swapping axes
+        # made XLA:CPU emit the matmul with a transposed output layout, 4x
+        # slower (11 vs 2.6 ms for [32, 256, 80] x [80, 384]).
+        xs = jnp.swapaxes(x.values, 0, 1).astype(dtype)
+        # Short (step) blocks are unrolled, which skips XLA's while-loop
+        # bookkeeping per frame (LSTM x2, batch 1, 8-frame steps: +15%), and
+        # their input projection is one matmul for the block. Long (layer)
+        # scans stay rolled and project each frame inside the loop: hoisting
+        # the projection out of a rolled scan measured 2x slower for LSTM at
+        # batch 32 (26 vs 13 ms for 256 frames; each part alone sums to 15).
+        unroll = x.shape[1] <= _FULL_UNROLL_FRAMES
+        if unroll:
+            xs = self._project(params, xs)
         # The carry is `[b, units]`; the `[b, 1, units]` state layout only
         # matters at the boundary.
         carry = jax.tree.map(lambda a: a[:, 0], state)
 
-        def body(
-            carry: Any, inputs: tuple[tuple[jax.Array, ...], jax.Array]
-        ) -> tuple[Any, jax.Array]:
-            xw_t, valid_t = inputs
+        def body(carry: Any, inputs: tuple[Any, jax.Array]) -> tuple[Any, jax.Array]:
+            x_t, valid_t = inputs
+            xw_t = x_t if unroll else self._project(params, x_t)
             y_t, new = self._cell(params, xw_t, carry)
             # Invalid frames carry the state through unchanged.
             return _where_valid(valid_t, new, carry), y_t
 
-        # Step blocks are short: unrolled, they skip XLA's while-loop
-        # bookkeeping per frame (LSTM x2 at batch 1, 8-frame steps: +15%).
-        # Long (layer-wise) scans stay rolled to keep compile time flat.
-        unroll = x.shape[1] <= _FULL_UNROLL_FRAMES
-        carry, ys = jax.lax.scan(body, carry, (gates, jnp.swapaxes(x.mask, 0, 1)), unroll=unroll)
+        carry, ys = jax.lax.scan(body, carry, (xs, jnp.swapaxes(x.mask, 0, 1)), unroll=unroll)
         y = Sequence(jnp.swapaxes(ys, 0, 1), x.mask)
         return y.mask_invalid(), jax.tree.map(lambda a: a[:, None], carry)
 
