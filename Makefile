@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-fast lint format clean system-deps lock silero-vad
+.PHONY: serve test test-fast lint format clean system-deps lock silero-vad bench-ref
 
 # Installs are reproducible: exact versions with hashes from the lock files
 # (deploy/requirements/*.lock, refreshed by `make lock`), then this project
@@ -73,6 +73,11 @@ lock: $(STAMP)
 	$(BIN)/uv pip compile pyproject.toml --generate-hashes --universal \
 	  --fork-strategy fewest --python-version 3.11 -c deploy/requirements/test.lock -q \
 	  -o deploy/requirements/serve.lock
+
+# This library against google/sequence-layers, side by side; the reference is
+# installed into build/ref-venv on first use (never a project dependency).
+bench-ref: $(STAMP)
+	$(BIN)/python -m loadtests.bench_vs_reference $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
