@@ -1,8 +1,9 @@
 """Recurrent layers: LSTM, GRU, a plain (Elman) RNN, and the RG-LRU.
 
 All of them are causal with an unbounded past: receptive field `(-inf, 0)`.
-`layer` runs a `jax.lax.scan` over time and `step` runs the very same scan
-over the block, so the two agree frame for frame.
+`layer` and `step` both run the same cell over time in a `jax.lax.scan`
+(rolled for whole sequences, unrolled for short step blocks; see
+`_GatedRNN._run`), so the two agree frame for frame.
 
 Invalid frames never touch the state: the state after an invalid frame is the
 state before it, and the output there is masked. So a row can be fed any
@@ -334,7 +335,7 @@ class LSTM(_GatedRNN):
 
     @nn.nowrap
     def _cell(
-        self, params: dict[str, jax.Array], xw: jax.Array, state: Any
+        self, params: dict[str, jax.Array], xw: tuple[jax.Array, ...], state: Any
     ) -> tuple[jax.Array, Any]:
         c_prev, h_prev = state
         zi, zf, zc, zo = jnp.split(xw[0] + self._recurrent(params, h_prev), 4, axis=-1)
@@ -432,7 +433,7 @@ class GRU(_SingleStateRNN):
 
     @nn.nowrap
     def _cell(
-        self, params: dict[str, jax.Array], xw: jax.Array, state: Any
+        self, params: dict[str, jax.Array], xw: tuple[jax.Array, ...], state: Any
     ) -> tuple[jax.Array, Any]:
         (h_prev,) = state
         hu = self._recurrent(params, h_prev)
@@ -496,7 +497,7 @@ class RNN(_SingleStateRNN):
 
     @nn.nowrap
     def _cell(
-        self, params: dict[str, jax.Array], xw: jax.Array, state: Any
+        self, params: dict[str, jax.Array], xw: tuple[jax.Array, ...], state: Any
     ) -> tuple[jax.Array, Any]:
         (h_prev,) = state
         h = self.config.activation(xw[0] + self._recurrent(params, h_prev)).astype(h_prev.dtype)
