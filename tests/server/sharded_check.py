@@ -26,12 +26,16 @@ def main() -> None:
     )
     model = ServableModel("m", config, init_variables(config, (3,), seed=1), (3,))
     rng = np.random.default_rng(0)
-    inputs = [rng.normal(size=(int(rng.integers(1, 50)), 3)).astype(np.float32) for _ in range(10)]
+    # A few distinct lengths: the offline oracle compiles once per length.
+    lengths = rng.choice([1, 17, 49], size=10)
+    inputs = [rng.normal(size=(int(n), 3)).astype(np.float32) for n in lengths]
     outputs = {}
     for shard in (True, False):
         sched = Scheduler(
             model,
-            SchedulerConfig(max_streams=10, chunk_blocks=2, max_batch_delay_ms=1, shard=shard),
+            SchedulerConfig(
+                max_streams=10, chunk_blocks=2, max_batch_delay_ms=1, shard=shard, buckets=(4, 16)
+            ),
         )
         sched.start()
         if shard:
