@@ -234,6 +234,7 @@ class Scheduler:
             devices = [parse_device(self.config.device)]
             self.model.variables = jax.device_put(self.model.variables, devices[0])
         n_dev = len(devices) if self.config.shard else 1
+        self._sharded = n_dev > 1
         program = self.model.program
         if isinstance(program, LayerProgram):
             # Trace the layer code once, with a symbolic batch size, instead
@@ -549,8 +550,14 @@ class Scheduler:
             if tick.error is not None:
                 raise tick.error
             y, y_mask = (np.asarray(a) for a in tick.outputs)
-            # The device call is over: its inputs may be overwritten.
-            self._free_staging[tick.bucket].append(tick.staged)
+            # The device call is over: its inputs may be overwritten. Not so
+            # with slots sharded over several devices: each device runs its
+            # own program and may still read its (aliased, on CPU) slice of
+            # the inputs after the outputs are complete; reusing the buffers
+            # corrupted 1 run in 8 of tests/server/sharded_check.py. Those
+            # ticks stage into fresh buffers.
+            if not self._sharded:
+                self._free_staging[tick.bucket].append(tick.staged)
         except Exception as e:
             with self._cond:
                 for session in tick.batch:
