@@ -76,19 +76,25 @@ def _conv_stack(specs: list[tuple[int, int, int]], filters: int = 128) -> Config
     )
 
 
+def _attention_residual(attention: Config, d_model: int) -> Config:
+    """Pre-norm self-attention; it has no output projection, so the heads
+    are flattened and projected back to d_model."""
+    return sl.Residual.Config(
+        (
+            sl.LayerNormalization.Config(),
+            attention,
+            sl.Flatten.Config(),
+            sl.Dense.Config(d_model),
+        )
+    )
+
+
 def _block(attention: Config, d_model: int, ffn: int) -> Config:
     """Pre-norm Transformer block; self-attention has no output projection,
     so flatten heads and project back to d_model."""
     return sl.Serial.Config(
         (
-            sl.Residual.Config(
-                (
-                    sl.LayerNormalization.Config(),
-                    attention,
-                    sl.Flatten.Config(),
-                    sl.Dense.Config(d_model),
-                )
-            ),
+            _attention_residual(attention, d_model),
             sl.Residual.Config(
                 (
                     sl.LayerNormalization.Config(),
@@ -118,14 +124,7 @@ def _conformer(d_model: int, heads: int, ffn: int) -> Config:
     return sl.Serial.Config(
         (
             _half_ffn(d_model, ffn),
-            sl.Residual.Config(
-                (
-                    sl.LayerNormalization.Config(),
-                    attention,
-                    sl.Flatten.Config(),
-                    sl.Dense.Config(d_model),
-                )
-            ),
+            _attention_residual(attention, d_model),
             sl.Residual.Config(
                 (
                     sl.LayerNormalization.Config(),
