@@ -25,24 +25,13 @@ import jax.numpy as jnp
 
 from sequence_layers import types
 from sequence_layers.sequence import ChannelSpec, Sequence
+from sequence_layers.simple._common import get_promoted_dtype
 
 __all__ = ["GRU", "LSTM", "RGLRU", "RNN", "orthogonal_init", "unit_forget_bias"]
 
 Initializer = Callable[..., jax.Array]
 # A partitioning spec (one mesh axis name or None per parameter dimension).
 Sharding = tuple[str | None, ...]
-
-
-def get_promoted_dtype(*dtypes: Any, dtype: Any = None) -> Any:
-    """The dtype a computation over `dtypes` runs in: `dtype` if given, else
-    their promotion, lifted to a float type (as flax's `promote_dtype`)."""
-    if dtype is None:
-        dtype = jnp.result_type(*(d for d in dtypes if d is not None))
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            dtype = jnp.promote_types(jnp.float32, dtype)
-    if not jnp.issubdtype(dtype, jnp.inexact):
-        raise ValueError(f"Compute dtype must be a float or complex type, got {dtype}.")
-    return dtype
 
 
 def unit_forget_bias(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:

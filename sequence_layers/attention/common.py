@@ -639,8 +639,6 @@ def dot_product_attention(
 # einsum with batch axes b, k in place ("bqkgu,bskgu->bkgqs"), XLA:CPU ran them
 # 1.5-3x slower ([32, 1, 4, 64] queries on 65 cached keys: 0.97 vs 0.31 ms),
 # most of a batched attention step. Head h = kv_head * group + g (as the reference).
-
-
 def _grouped_logits(
     queries: jax.Array, keys: jax.Array, kv_heads: int, precision: Any
 ) -> jax.Array:

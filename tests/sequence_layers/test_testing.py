@@ -560,9 +560,9 @@ def test_assert_allclose_accepts_cpu_noise_near_zero() -> None:
     expected = np.array([0.5, -0.25, 1.8e-9], np.float32)
     actual = expected + np.array([0, 0, 1.5e-8], np.float32)
     with pytest.raises(AssertionError):
-        np.testing.assert_allclose(actual, expected, rtol=1e-6)
+        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=0)
     testing.assert_allclose(actual, expected)
-    testing.assert_allclose(actual, expected, rtol=1e-6)
+    testing.assert_allclose(actual, expected, rtol=1e-6, atol=None)  # atol = rtol * scale
 
 
 def test_assert_allclose_still_catches_real_differences() -> None:

@@ -30,11 +30,11 @@ def test_l2_weight_normalization_unit_columns_times_scale(shape: tuple[int, ...]
     assert variables["params"]["scale"].shape == (4,)
     out = module.apply(variables, w, training=False)
     norms = np.linalg.norm(np.asarray(out).reshape(-1, 4), axis=0)
-    testing.assert_allclose(norms, np.ones(4), rtol=1e-5)
+    testing.assert_allclose(norms, np.ones(4))
     scaled = {"params": {"scale": jnp.array([1.0, 2.0, 3.0, 4.0])}}
     scaled_out = np.asarray(module.apply(scaled, w, training=False)).reshape(-1, 4)
     norms = np.linalg.norm(scaled_out, axis=0)
-    testing.assert_allclose(norms, [1.0, 2.0, 3.0, 4.0], rtol=1e-5)
+    testing.assert_allclose(norms, [1.0, 2.0, 3.0, 4.0])
     # Direction is preserved.
     np.testing.assert_allclose(
         np.asarray(out).reshape(-1, 4) * np.linalg.norm(np.asarray(w).reshape(-1, 4), axis=0),
@@ -58,7 +58,7 @@ def test_spectral_normalization_unit_top_singular_value() -> None:
     assert variables["batch_stats"]["u"].shape == (1, 4)
     out = module.apply(variables, w, training=False)
     top = np.linalg.svd(np.asarray(out), compute_uv=False)[0]
-    testing.assert_allclose(top, 1.0, rtol=1e-3)
+    testing.assert_allclose(top, 1.0, rtol=1e-3, atol=1e-3)
 
 
 def test_spectral_normalization_updates_only_when_training() -> None:
@@ -120,7 +120,7 @@ def test_weight_norm_kernel_starts_as_identity() -> None:
     testing.assert_allclose(
         np.asarray(variables["params"]["scale"]), np.linalg.norm(np.asarray(w), axis=0), rtol=1e-6
     )
-    testing.assert_allclose(np.asarray(holder.apply(variables, w)), np.asarray(w), rtol=1e-5)
+    testing.assert_allclose(np.asarray(holder.apply(variables, w)), np.asarray(w))
     assert callable(weight_norm_kernel)
 
 

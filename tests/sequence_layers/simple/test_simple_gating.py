@@ -29,7 +29,7 @@ CASES = [
 def test_values(config, expected) -> None:
     x = Sequence.from_values(jnp.concatenate([FEATURE, GATE])[None, None])
     y = config.make().apply({}, x)
-    testing.assert_allclose(y.values[0, 0], expected, rtol=1e-6)
+    testing.assert_allclose(y.values[0, 0], expected)
 
 
 @pytest.mark.parametrize("config", [c for c, _ in CASES[:3]], ids=lambda c: type(c).__qualname__)
