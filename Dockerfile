@@ -26,14 +26,27 @@ COPY clients ./clients
 COPY protos ./protos
 COPY loadtests ./loadtests
 RUN pip install --no-deps . && python -m compileall -q /opt/venv
+# Silero VAD, served by default as `silero-vad`: its official weights imported
+# here into an ordinary model directory. The wheel and onnx (which reads the
+# weights) are hash-checked by vad.lock; onnx lives in a throwaway folder, so
+# neither reaches the runtime stage, and the wheel's torch dependency is never
+# installed.
+COPY deploy/requirements/vad.lock ./
+RUN pip download -q --require-hashes --no-deps --only-binary :all: -r vad.lock -d /tmp/vad \
+    && pip install -q --no-deps --target /tmp/onnx /tmp/vad/onnx-*.whl \
+    && PYTHONPATH=/tmp/onnx sl-models import silero-vad /opt/models/silero-vad \
+         --wheel /tmp/vad/silero_vad-*.whl \
+    && rm -rf /tmp/vad /tmp/onnx
 
 FROM ${PYTHON_IMAGE}
 # The JAX compilation cache: mount a volume here (compose and Kubernetes do)
 # so a restarted container reads its compiled programs back in seconds.
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 SL_COMPILE_CACHE_DIR=/var/cache/sl-serve/jax
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 SL_COMPILE_CACHE_DIR=/var/cache/sl-serve/jax \
+    SL_SILERO_VAD_DIR=/opt/models/silero-vad
 RUN useradd --system --uid 10001 --create-home --home-dir /home/sl sl \
     && mkdir -p /var/cache/sl-serve && chown sl /var/cache/sl-serve
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/models /opt/models
 USER sl
 WORKDIR /home/sl
 VOLUME /var/cache/sl-serve

@@ -42,9 +42,12 @@ system-deps:
 # installed), and the model directory imported from it. Offline, `make serve`
 # still serves the other built-ins and says how to get this one.
 SILERO_WHEEL := build/silero_vad-6.2.3-py3-none-any.whl
+VAD_LOCK := deploy/requirements/vad.lock
 $(SILERO_WHEEL):
 	mkdir -p build
-	$(BIN)/python -m pip download -q --no-deps silero-vad==6.2.3 -d build
+	sed -n '/^silero-vad==/,$$p' $(VAD_LOCK) > build/silero-vad.req
+	$(BIN)/python -m pip download -q --no-deps --require-hashes --only-binary :all: \
+	  -r build/silero-vad.req -d build
 
 build/models/silero-vad/model.json: $(SILERO_WHEEL) | $(STAMP)
 	$(BIN)/sl-models import silero-vad build/models/silero-vad
@@ -73,6 +76,10 @@ lock: $(STAMP)
 	$(BIN)/uv pip compile pyproject.toml --generate-hashes --universal \
 	  --fork-strategy fewest --python-version 3.11 -c deploy/requirements/test.lock -q \
 	  -o deploy/requirements/serve.lock
+	@# vad.lock: test.lock's onnx block (same version and hashes) and the wheel's pin.
+	{ sed -n '/^#/p' $(VAD_LOCK); \
+	  awk '/^onnx==/{p=1; print; next} p && /^[^ ]/{exit} p && !/^ *#/' deploy/requirements/test.lock; \
+	  sed -n '/^silero-vad==/,$$p' $(VAD_LOCK); } > build/vad.lock && mv build/vad.lock $(VAD_LOCK)
 
 # This library against google/sequence-layers, side by side; the reference is
 # installed into build/ref-venv on first use (never a project dependency).

@@ -35,9 +35,10 @@ VERSION = "6.2.3"
 WHEEL = f"silero_vad-{VERSION}-py3-none-any.whl"
 ONNX_MEMBER = "silero_vad/data/silero_vad_16k_op15.onnx"
 ROOT = Path(__file__).resolve().parents[1]
-# Where `make silero-vad` puts the wheel and the imported model directory.
+# Where `make silero-vad` puts the wheel and the imported model directory; an
+# installed server (the Docker image) names its imported directory instead.
 BUILD_DIR = ROOT / "build"
-MODEL_DIR = BUILD_DIR / "models" / NAME
+MODEL_DIR = Path(os.environ.get("SL_SILERO_VAD_DIR") or BUILD_DIR / "models" / NAME)
 FETCH_HINT = (
     f"run `make silero-vad` (downloads {WHEEL} from PyPI into build/ and imports it), or "
     f"`pip download --no-deps silero-vad=={VERSION} -d build` where PyPI is reachable"

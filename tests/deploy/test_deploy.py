@@ -271,3 +271,39 @@ def test_lock_files_pin_every_dependency_and_agree() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "pip install --require-hashes --no-deps -r serve.lock" in dockerfile
     assert "!deploy/requirements/serve.lock" in (ROOT / ".dockerignore").read_text()
+
+
+def _requirement_block(lock: Path, name: str) -> str:
+    """One pin of a lock file with its hash lines, comments dropped."""
+    match = re.search(rf"^{re.escape(name)}==.*?(?=^\S|\Z)", lock.read_text(), re.M | re.S)
+    assert match, f"{lock} does not pin {name}"
+    return "\n".join(line for line in match.group(0).splitlines() if "#" not in line).strip()
+
+
+def test_image_imports_silero_vad_from_hash_checked_inputs() -> None:
+    from server import silero_vad
+
+    requirements = DEPLOY / "requirements"
+    vad = _pins(requirements / "vad.lock")
+    assert vad == {"onnx": _pins(requirements / "test.lock")["onnx"], "silero-vad": "6.2.3"}
+    assert silero_vad.VERSION == vad["silero-vad"]
+    # The same onnx wheels the tests ran with: version and every hash.
+    assert _requirement_block(requirements / "vad.lock", "onnx") == _requirement_block(
+        requirements / "test.lock", "onnx"
+    )
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "--require-hashes --no-deps --only-binary :all: -r vad.lock" in dockerfile
+    assert "sl-models import silero-vad /opt/models/silero-vad" in dockerfile
+    assert "COPY --from=build /opt/models /opt/models" in dockerfile
+    assert "SL_SILERO_VAD_DIR=/opt/models/silero-vad" in dockerfile
+    assert "!deploy/requirements/vad.lock" in (ROOT / ".dockerignore").read_text()
+    # The runtime stage finds the imported directory through the variable.
+    found = subprocess.run(
+        [sys.executable, "-c", "from server import silero_vad; print(silero_vad.MODEL_DIR)"],
+        env={"SL_SILERO_VAD_DIR": "/opt/models/silero-vad", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert found.stdout.strip() == "/opt/models/silero-vad"
