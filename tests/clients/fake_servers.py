@@ -154,9 +154,23 @@ def _open(behaviour: Behaviour, model: str, token: bytes | None) -> FakeModelStr
     return FakeModelStream(snapshot)
 
 
+def _model_proto() -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=MODEL,
+        input_shape=[1],
+        output_shape=[1],
+        block_size=CHUNK,
+        output_ratio=pb.Ratio(numerator=1, denominator=1),
+        output_latency=LATENCY,
+    )
+
+
 class FakeGrpc(pb_grpc.StreamingInferenceServicer):
     def __init__(self, behaviour: Behaviour) -> None:
         self.b = behaviour
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.ModelInfo:
+        return _model_proto()
 
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: Any
@@ -170,15 +184,7 @@ class FakeGrpc(pb_grpc.StreamingInferenceServicer):
         except ResumeTokenError as e:
             b.log.append({"refused": e.code})
             await context.abort(grpc.StatusCode[e.code], e.message)
-        model = pb.ModelInfo(
-            name=MODEL,
-            input_shape=[1],
-            output_shape=[1],
-            block_size=CHUNK,
-            output_ratio=pb.Ratio(numerator=1, denominator=1),
-            output_latency=LATENCY,
-        )
-        yield pb.StreamResponse(started=pb.StreamStarted(model=model, stream_id="s1"))
+        yield pb.StreamResponse(started=pb.StreamStarted(model=_model_proto(), stream_id="s1"))
 
         def output(offset: int, y: np.ndarray) -> pb.StreamResponse:
             tensor = pb.Tensor(

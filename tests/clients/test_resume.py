@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ import clients.client as client_module
 from clients import Moved, Output, ResumeOptions, Started, StreamingError
 from clients.client import Client, Ended, aconnect, chunked, collect
 from clients.resume import InputLog, acknowledged_frames, next_url
+from clients.stream_cli import main as stream_main
 from server.resume import ResumeKeys
 from tests.clients.fake_servers import Behaviour, FakeReplicas, offline, replicas
 
@@ -154,6 +156,22 @@ def test_sync_client_follows_moves(door: str) -> None:
     outputs = [e.frames for e in events if isinstance(e, Output)]
     np.testing.assert_array_equal(np.concatenate(outputs), offline(X))
     np.testing.assert_array_equal(y, offline(X))
+
+
+@pytest.mark.parametrize("door", ["grpc", "ws"])
+def test_sl_stream_follows_a_move_to_the_next_server(
+    door: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.save(tmp_path / "in.npy", X)
+    with replicas(Behaviour(move_after=42), Behaviour()) as fakes:
+        a, b = urls(fakes, door)
+        args = ["--server", a, "--server", b, "--model", "fake", "--no-progress"]
+        code = stream_main([*args, str(tmp_path / "in.npy"), str(tmp_path / "out.npy")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    # 100 ms chunks at the fallback rate of 100 frames/s: the move comes at 50.
+    assert "handed the stream off; resumed on" in err and "input frame 50" in err
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), offline(X))
 
 
 def test_a_failing_input_iterator_surfaces_its_own_error() -> None:
