@@ -23,12 +23,15 @@ import json
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import grpc
 import numpy as np
 import websockets
+from websockets.datastructures import Headers
+from websockets.http11 import Response
 
 from protos import streaming_pb2 as pb
 from protos import streaming_pb2_grpc as pb_grpc
@@ -56,7 +59,8 @@ def offline(x: np.ndarray) -> np.ndarray:
 class FakeModelStream:
     """One stream's host state (what a real session holds) for the fake model."""
 
-    def __init__(self, snapshot: StreamSnapshot | None = None) -> None:
+    def __init__(self, snapshot: StreamSnapshot | None = None, check: bool = True) -> None:
+        self.check = check
         self.received = self.consumed = self.emitted = 0
         self.to_drop = LATENCY
         self.prev = np.float32(0)
@@ -70,7 +74,7 @@ class FakeModelStream:
     def push(self, x: np.ndarray) -> list[tuple[int, np.ndarray]]:
         # Every frame once, in order: x[t] = t.
         expected = np.arange(self.received, self.received + len(x), dtype=np.float32)
-        if not np.array_equal(x[:, 0], expected):
+        if self.check and not np.array_equal(x[:, 0], expected):
             raise AssertionError(f"frames {x[:, 0].tolist()} arrived, expected {expected.tolist()}")
         self.received += len(x)
         self.buffer = np.concatenate([self.buffer, x])
@@ -118,7 +122,8 @@ INFO = {
     "input_shape": [1],
     "input_dtype": "float32",
     "output_shape": [1],
-    "sample_rate": 0,
+    # A real audio rate, so the browser client can capture for it.
+    "sample_rate": 16000,
     "block_size": CHUNK,
     "output_ratio": {"numerator": 1, "denominator": 1},
     "input_latency": 0,
@@ -137,6 +142,8 @@ class Behaviour:
     refuse: str | None = None  # a status code name for every stream
     # Once its moves are done, refuse every stream as draining (UNAVAILABLE).
     drains: bool = False
+    # Check that frames are x[t] = t (off for real audio, e.g. a browser's).
+    check_values: bool = True
     keys: ResumeKeys = KEYS
     # After a resume, send the previous output again (offset < delivered):
     # the client must drop what it already has.
@@ -148,10 +155,10 @@ def _open(behaviour: Behaviour, model: str, token: bytes | None) -> FakeModelStr
     """Raises ResumeTokenError (a refused token) or returns the stream."""
     if token is None:
         behaviour.log.append({"opened": True})
-        return FakeModelStream()
+        return FakeModelStream(check=behaviour.check_values)
     snapshot = verify_token(token, behaviour.keys, model_name=model, fingerprint=FINGERPRINT)
     behaviour.log.append({"resumed": snapshot.frames_received, "emitted": snapshot.frames_emitted})
-    return FakeModelStream(snapshot)
+    return FakeModelStream(snapshot, check=behaviour.check_values)
 
 
 def _model_proto() -> pb.ModelInfo:
@@ -162,6 +169,7 @@ def _model_proto() -> pb.ModelInfo:
         block_size=CHUNK,
         output_ratio=pb.Ratio(numerator=1, denominator=1),
         output_latency=LATENCY,
+        sample_rate=16000,
     )
 
 
@@ -266,9 +274,32 @@ async def fake_ws_handler(ws: Any, b: Behaviour) -> None:
             for _, y in stream.end():
                 await ws.send(y.astype("<f4").tobytes())
             ended = {"type": "ended", "frames_in": stream.received, "frames_out": stream.emitted}
+            b.log.append({"ended": stream.received})
             await ws.send(json.dumps(ended))
             await ws.close(1000)
             return
+
+
+WEB = Path(__file__).resolve().parents[2] / "clients" / "web"
+_TYPES = {".html": "text/html", ".js": "text/javascript"}
+
+
+def _http(connection: Any, request: Any) -> Any:
+    """Plain HTTP on the WebSocket port, as sl-serve has: the browser client
+    (`/`, `/web/...`) and the model listing."""
+    path = urlparse(request.path).path
+    if path.endswith("/stream"):
+        return None  # a WebSocket stream
+    if path == "/v1/models":
+        body, kind = json.dumps({"models": [INFO]}).encode(), "application/json"
+    else:
+        name = "index.html" if path == "/" else path.removeprefix("/web/")
+        file = WEB / name
+        if "/" in name or not file.is_file():
+            return connection.respond(404, "not found\n")
+        body, kind = file.read_bytes(), _TYPES.get(file.suffix, "text/plain")
+    headers = Headers([("Content-Type", kind), ("Content-Length", str(len(body)))])
+    return Response(200, "OK", headers, body)
 
 
 class FakeReplicas:
@@ -301,7 +332,9 @@ class FakeReplicas:
 
             # A short close timeout: after `moved` the fake stops reading, so
             # the client's close frame waits behind input nobody reads.
-            ws_server = await websockets.serve(handler, "127.0.0.1", 0, close_timeout=0.2)
+            ws_server = await websockets.serve(
+                handler, "127.0.0.1", 0, close_timeout=0.2, process_request=_http
+            )
             ws_port = next(iter(ws_server.sockets)).getsockname()[1]
             self.ws_urls.append(f"ws://127.0.0.1:{ws_port}")
             self._closers.append(ws_server)
