@@ -12,7 +12,7 @@ an output frame exists only once the input under it was stepped. With the
 model's `output_latency` L and `output_ratio` r, `d` delivered output frames
 prove `floor((d + L) / r)` input frames arrived (`acknowledged_frames`), so
 the log drops everything before that and stays bounded: a stream that sends
-further ahead than `max_buffered_frames` waits for outputs to catch up.
+further ahead than `max_buffered_bytes` waits for outputs to catch up.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ class ResumeOptions:
     """
 
     enabled: bool = True
-    # Input frames kept for a resend; sending further ahead waits for outputs.
-    # 2^20 frames: 65 s of 16 kHz mono, 4 MiB of float32.
-    max_buffered_frames: int = 1 << 20
+    # Input kept for a resend, in bytes; sending further ahead waits for
+    # outputs. 16 MiB: over 4 minutes of 16 kHz float32 mono.
+    max_buffered_bytes: int = 16 << 20
     # Time to find a replica that takes the token, over every attempt.
     timeout_s: float = 30.0
     max_attempts: int = 8
@@ -93,16 +93,17 @@ class InputLog:
     (`chunks_from`): a connection that is dropped never cancels the
     caller's iterator halfway through a chunk.
 
-        log = InputLog(source, max_frames=1 << 20)
+        log = InputLog(source, max_bytes=16 << 20)
         pump = asyncio.create_task(log.pump())
         async for chunk in log.chunks_from(0): ...      # the first connection
         log.ack(n)                                      # the server has frames < n
         async for chunk in log.chunks_from(received): ...  # after a move
     """
 
-    def __init__(self, source: AsyncIterator[np.ndarray], max_frames: int, keep: bool = True):
+    def __init__(self, source: AsyncIterator[np.ndarray], max_bytes: int, keep: bool = True):
         self._source = source
-        self._max = max(1, max_frames)
+        self._max = max(1, max_bytes)
+        self._bytes = 0  # of the chunks kept
         self._keep = keep
         # (first frame index, chunk [n, ...]) of what the server may lack.
         self._chunks: deque[tuple[int, np.ndarray]] = deque()
@@ -124,8 +125,9 @@ class InputLog:
                 chunk = np.asarray(chunk)
                 frames = chunk.shape[0] if chunk.ndim else 1
                 async with self._changed:
-                    await self._changed.wait_for(lambda: self.taken - self.acked < self._max)
+                    await self._changed.wait_for(lambda: self._bytes < self._max)
                     self._chunks.append((self.taken, chunk))
+                    self._bytes += chunk.nbytes
                     self.taken += frames
                     self._changed.notify_all()
         finally:
@@ -141,7 +143,7 @@ class InputLog:
         async with self._changed:
             self.acked = frames
             while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= frames:
-                self._chunks.popleft()
+                self._bytes -= self._chunks.popleft()[1].nbytes
             self._changed.notify_all()
 
     async def chunks_from(self, start: int) -> AsyncIterator[np.ndarray]:
@@ -241,7 +243,7 @@ async def follow_moves(
     with the token, resending input from `frames_received` and dropping
     outputs already delivered. `opener(url_index, token, output_offset)`
     makes an unopened connection."""
-    log = InputLog(as_async_iter(chunks), options.max_buffered_frames, keep=options.enabled)
+    log = InputLog(as_async_iter(chunks), options.max_buffered_bytes, keep=options.enabled)
     pump = asyncio.create_task(log.pump())
     conn = opener(0, None, 0)
     index = 0

@@ -194,7 +194,7 @@ def test_input_log_keeps_only_what_the_server_may_lack() -> None:
             for c in chunked(X[:40], 10):
                 yield c
 
-        log = InputLog(source(), max_frames=25)
+        log = InputLog(source(), max_bytes=100)  # chunks of 10 float32 frames: 40 bytes
         pump = asyncio.create_task(log.pump())
         await asyncio.sleep(0.05)
         assert log.taken == 30  # bounded: the 4th chunk waits for an ack
