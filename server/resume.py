@@ -34,6 +34,8 @@ Token layout (format version 1), all integers little-endian:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import hashlib
 import hmac
@@ -492,6 +494,31 @@ def _read_arrays(token: bytes, start: int, data_len: int, specs: list[Any]) -> l
     if offset != end:
         raise TokenMalformed(f"token data has {end - offset} bytes no array accounts for.")
     return arrays
+
+
+def token_to_text(token: bytes) -> str:
+    """The token for a WebSocket `moved` message (standard base64)."""
+    return base64.b64encode(token).decode("ascii")
+
+
+def token_from_text(text: str, max_bytes: int = MAX_TOKEN_BYTES) -> bytes:
+    """A token from a WebSocket client: the `resume_token` query parameter
+    (base64url) or the first message's (either alphabet, padding optional).
+    Checks the length before decoding, so a huge string allocates nothing."""
+    if not isinstance(text, str):
+        raise TokenMalformed(f"resume_token must be a base64 string, got {type(text).__name__}.")
+    if len(text) > (max_bytes + 2) // 3 * 4:
+        raise TokenTooLarge(
+            f"resume_token of {len(text)} characters exceeds the limit of {max_bytes} bytes."
+        )
+    standard = text.strip().replace("-", "+").replace("_", "/").rstrip("=")
+    try:
+        return base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise TokenMalformed(
+            "resume_token is not base64: send the `moved` message's token unchanged "
+            "(base64url in the URL)."
+        ) from None
 
 
 def check_state_layout(

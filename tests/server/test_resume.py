@@ -333,3 +333,17 @@ def test_model_fingerprint_of_a_servable_model() -> None:
 def test_module_imports_without_jax() -> None:
     code = "import sys, server.resume; assert 'jax' not in sys.modules, 'jax imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_token_text_for_websockets() -> None:
+    token = sign()
+    text = resume.token_to_text(token)
+    assert resume.token_from_text(text) == token
+    url_form = text.replace("+", "-").replace("/", "_").rstrip("=")
+    assert resume.token_from_text(url_form) == token  # the query parameter's form
+    with pytest.raises(TokenMalformed, match="not base64"):
+        resume.token_from_text("not base64 at all!")
+    with pytest.raises(TokenTooLarge):
+        resume.token_from_text("A" * 1000, max_bytes=100)
+    with pytest.raises(TokenMalformed):
+        resume.token_from_text(None)  # type: ignore[arg-type]
