@@ -41,11 +41,13 @@ from clients.events import Chunks as Chunks
 from clients.events import DeadlineExceededError as DeadlineExceededError
 from clients.events import Ended as Ended
 from clients.events import Event as Event
+from clients.events import FailedPreconditionError as FailedPreconditionError
 from clients.events import InvalidArgumentError as InvalidArgumentError
 from clients.events import Moved as Moved
 from clients.events import MovedMessage
 from clients.events import NotFoundError as NotFoundError
 from clients.events import Output as Output
+from clients.events import PermissionDeniedError as PermissionDeniedError
 from clients.events import ResourceExhaustedError as ResourceExhaustedError
 from clients.events import Speech as Speech
 from clients.events import Started as Started

@@ -49,6 +49,18 @@ class UnavailableError(StreamingError):
     code = "UNAVAILABLE"
 
 
+class PermissionDeniedError(StreamingError):
+    """A resume token whose signature or key this server does not accept."""
+
+    code = "PERMISSION_DENIED"
+
+
+class FailedPreconditionError(StreamingError):
+    """A resume token for another model (version), or replicas whose clocks disagree."""
+
+    code = "FAILED_PRECONDITION"
+
+
 _ERRORS = {
     cls.code: cls
     for cls in (
@@ -58,6 +70,8 @@ _ERRORS = {
         UnauthenticatedError,
         DeadlineExceededError,
         UnavailableError,
+        PermissionDeniedError,
+        FailedPreconditionError,
     )
 }
 
