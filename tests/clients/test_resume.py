@@ -106,17 +106,18 @@ def test_query_tokens_are_base64url() -> None:
 
 
 @pytest.mark.parametrize("door", ["grpc", "ws"])
-def test_draining_and_full_replicas_are_skipped(door: str) -> None:
+def test_draining_full_and_other_version_replicas_are_skipped(door: str) -> None:
     with replicas(
         Behaviour(move_after=42),
         Behaviour(refuse="UNAVAILABLE"),
         Behaviour(refuse="RESOURCE_EXHAUSTED"),
+        Behaviour(refuse="FAILED_PRECONDITION"),  # mid-rollout: another model version
         Behaviour(),
     ) as fakes:
         y, events = asyncio.run(run_stream(urls(fakes, door)))
     np.testing.assert_array_equal(y, offline(X))
     moves = [e for e in events if isinstance(e, Moved)]
-    assert len(moves) == 1 and urls(fakes, door)[3].endswith(moves[0].url)
+    assert len(moves) == 1 and urls(fakes, door)[4].endswith(moves[0].url)
 
 
 @pytest.mark.parametrize("door", ["grpc", "ws"])
