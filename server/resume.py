@@ -30,6 +30,18 @@ Token layout (format version 1), all integers little-endian:
     keys = load_keys("/etc/sl/resume-keys")     # first signs, all verify
     token = sign_token(snapshot, keys, model_name="demo-asr", fingerprint=fp)
     snapshot = verify_token(token, keys, model_name="demo-asr", fingerprint=fp)
+
+What the runtime does with these: at start, `load_keys(--resume-key-file)`
+and `model_fingerprint(model)` once per model. On drain, per open stream:
+stop scheduling it, let its ticks in flight be delivered and its outputs be
+written, copy its state row to the host, `sign_token`, then send `moved`
+(gRPC `StreamMoved`; WebSocket `token_to_text` and close 1001, still reading
+the client's frames so the close completes). On a config with a token
+(gRPC `resume_token`; WebSocket `token_from_text` of `?resume_token=` or of
+the first message with `?resume=1`): `verify_token`, `check_state_layout`,
+a free slot, the state row written instead of reset, the counters and
+buffered input restored; the resumed WebSocket `started` adds
+`output_offset = frames_emitted`.
 """
 
 from __future__ import annotations
