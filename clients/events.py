@@ -83,18 +83,25 @@ def error_for(code: str, message: str) -> StreamingError:
 
 @dataclasses.dataclass(frozen=True)
 class Started:
+    """The stream is open; `model` is the server's ModelInfo as a dict."""
+
     stream_id: str
     model: dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
 class Output:
+    """Valid output frames `[n, *output_shape]`; `offset` indexes the first
+    one in the stream's whole output."""
+
     frames: np.ndarray
     offset: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Ended:
+    """The stream finished; totals as the server counted them."""
+
     frames_in: int
     frames_out: int
     totals: dict[str, Any]

@@ -175,6 +175,7 @@ class InputLog:
 async def as_async_iter(
     chunks: Iterable[np.ndarray] | AsyncIterable[np.ndarray],
 ) -> AsyncIterator[np.ndarray]:
+    """A list, generator or async generator of chunks, as an async iterator."""
     if isinstance(chunks, AsyncIterable):
         async for c in chunks:
             yield c
