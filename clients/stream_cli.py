@@ -3,6 +3,11 @@
 sl-stream --url grpc://127.0.0.1:50051 --model logmel speech.wav mel.npy
 sl-stream --url ws://127.0.0.1:8080 --model demo-asr speech.wav logits.npy --realtime
 sl-stream --url grpc://127.0.0.1:50051 --model silero-vad speech.wav probs.npy
+sl-stream --server grpc://a:50051 --server grpc://b:50051 --model demo-asr long.wav out.npy
+
+A stream the server hands off while draining (`moved`) resumes on its own:
+on the same URL (a load balancer), or on the next `--server`/`--url` given;
+the output file is the same as from one uninterrupted stream.
 
 For a model with a speech-probability output (ModelInfo.speech_segments,
 e.g. silero-vad) it also prints the file's speech segments, by Silero's
@@ -25,6 +30,7 @@ import numpy as np
 from clients.client import (
     AsyncWebSocketClient,
     Ended,
+    Moved,
     Output,
     Started,
     StreamingError,
@@ -47,7 +53,11 @@ def read_input(path: str) -> tuple[np.ndarray, int | None]:
 
 async def run(args: argparse.Namespace) -> int:
     x, wav_rate = read_input(args.input)
-    client = aconnect(args.url, api_key=args.api_key, ca_cert=args.ca_cert)
+    try:
+        client = aconnect(args.url, api_key=args.api_key, ca_cert=args.ca_cert)
+    except ValueError as e:
+        print(f"sl-stream: {e}", file=sys.stderr)
+        return 2
     total = len(x)
     sent = 0
     start = time.monotonic()
@@ -84,8 +94,15 @@ async def run(args: argparse.Namespace) -> int:
         # WebSocket frames carry no dtype: say that wav samples are int16 PCM.
         pcm = isinstance(client, AsyncWebSocketClient) and x.dtype == np.int16
         kwargs = {"dtype": "int16"} if pcm else {}
-        async for event in client.stream(args.model, chunks(chunk, rate), **kwargs):
-            if isinstance(event, Output):
+        stream = client.stream(args.model, chunks(chunk, rate), report_moves=True, **kwargs)
+        async for event in stream:
+            if isinstance(event, Moved):
+                print(
+                    f"\nsl-stream: the server handed the stream off; resumed on {event.url} "
+                    f"from input frame {event.frames_received}",
+                    file=sys.stderr,
+                )
+            elif isinstance(event, Output):
                 frames.append(event.frames)
             elif isinstance(event, Ended):
                 pass
@@ -98,7 +115,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"\nsl-stream: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # connection refused, TLS failure: no traceback
-        print(f"\nsl-stream: cannot reach {args.url}: {e}", file=sys.stderr)
+        print(f"\nsl-stream: cannot reach {' or '.join(args.url)}: {e}", file=sys.stderr)
         return 1
     finally:
         await client.close()
@@ -131,7 +148,15 @@ def print_segments(probs: np.ndarray, samples: int, info: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sl-stream", description=__doc__.splitlines()[0])
-    p.add_argument("--url", required=True, help="grpc://HOST:PORT or ws://HOST:PORT")
+    p.add_argument(
+        "--url",
+        "--server",
+        dest="url",
+        action="append",
+        required=True,
+        help="grpc://HOST:PORT or ws://HOST:PORT; repeat for replicas a moved stream "
+        "resumes on, in turn",
+    )
     p.add_argument("--model", required=True)
     p.add_argument("input", help=".wav (16-bit PCM) or .npy [frames, *channels]")
     p.add_argument("output", help=".npy for the output frames")

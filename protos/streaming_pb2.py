@@ -24,47 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*sequence_layers/serving/v1/streaming.proto\x12\x1asequence_layers.serving.v1\"W\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x30\n\x05\x64type\x18\x02 \x01(\x0e\x32!.sequence_layers.serving.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa7\x01\n\x0cStreamConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\tstream_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12N\n\x0fspeech_segments\x18\n \x01(\x0b\x32\x30.sequence_layers.serving.v1.SpeechSegmentsConfigH\x01\x88\x01\x01\x42\x0c\n\n_stream_idB\x12\n\x10_speech_segments\"\xda\x01\n\x14SpeechSegmentsConfig\x12\x16\n\tthreshold\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rneg_threshold\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12$\n\x17min_silence_duration_ms\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1a\n\rspeech_pad_ms\x18\x04 \x01(\x05H\x03\x88\x01\x01\x42\x0c\n\n_thresholdB\x10\n\x0e_neg_thresholdB\x1a\n\x18_min_silence_duration_msB\x10\n\x0e_speech_pad_ms\"\r\n\x0b\x45ndOfStream\"\xc3\x01\n\rStreamRequest\x12:\n\x06\x63onfig\x18\x01 \x01(\x0b\x32(.sequence_layers.serving.v1.StreamConfigH\x00\x12\x33\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\".sequence_layers.serving.v1.TensorH\x00\x12\x36\n\x03\x65nd\x18\x03 \x01(\x0b\x32\'.sequence_layers.serving.v1.EndOfStreamH\x00\x42\t\n\x07request\"/\n\x05Ratio\x12\x11\n\tnumerator\x18\x01 \x01(\x03\x12\x13\n\x0b\x64\x65nominator\x18\x02 \x01(\x03\"\x89\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x36\n\x0binput_dtype\x18\x04 \x01(\x0e\x32!.sequence_layers.serving.v1.DType\x12\x14\n\x0coutput_shape\x18\x05 \x03(\x03\x12\x37\n\x0coutput_dtype\x18\x06 \x01(\x0e\x32!.sequence_layers.serving.v1.DType\x12\x13\n\x0bsample_rate\x18\x07 \x01(\x05\x12\x12\n\nblock_size\x18\x08 \x01(\x03\x12\x37\n\x0coutput_ratio\x18\t \x01(\x0b\x32!.sequence_layers.serving.v1.Ratio\x12\x15\n\rinput_latency\x18\n \x01(\x03\x12\x16\n\x0eoutput_latency\x18\x0b \x01(\x03\x12\x13\n\x0bmax_streams\x18\x0c \x01(\x05\x12\x17\n\x0fspeech_segments\x18\x14 \x01(\x08\"X\n\rStreamStarted\x12\x34\n\x05model\x18\x01 \x01(\x0b\x32%.sequence_layers.serving.v1.ModelInfo\x12\x11\n\tstream_id\x18\x02 \x01(\t\"R\n\x0cStreamOutput\x12\x32\n\x06tensor\x18\x01 \x01(\x0b\x32\".sequence_layers.serving.v1.Tensor\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"]\n\x0bStreamEnded\x12\x11\n\tframes_in\x18\x01 \x01(\x03\x12\x12\n\nframes_out\x18\x02 \x01(\x03\x12\r\n\x05ticks\x18\x03 \x01(\x03\x12\x18\n\x10\x64uration_seconds\x18\x04 \x01(\x01\"\x1f\n\rSpeechStarted\x12\x0e\n\x06sample\x18\x01 \x01(\x03\"\x1f\n\rSpeechStopped\x12\x0e\n\x06sample\x18\x01 \x01(\x03\"\xda\x02\n\x0eStreamResponse\x12<\n\x07started\x18\x01 \x01(\x0b\x32).sequence_layers.serving.v1.StreamStartedH\x00\x12:\n\x06output\x18\x02 \x01(\x0b\x32(.sequence_layers.serving.v1.StreamOutputH\x00\x12\x38\n\x05\x65nded\x18\x03 \x01(\x0b\x32\'.sequence_layers.serving.v1.StreamEndedH\x00\x12\x43\n\x0espeech_started\x18\n \x01(\x0b\x32).sequence_layers.serving.v1.SpeechStartedH\x00\x12\x43\n\x0espeech_stopped\x18\x0b \x01(\x0b\x32).sequence_layers.serving.v1.SpeechStoppedH\x00\x42\n\n\x08response\"\x13\n\x11ListModelsRequest\"K\n\x12ListModelsResponse\x12\x35\n\x06models\x18\x01 \x03(\x0b\x32%.sequence_layers.serving.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*A\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\t\n\x05INT16\x10\x02\x12\t\n\x05INT32\x10\x03\x32\xc6\x02\n\x12StreamingInference\x12\x63\n\x06Stream\x12).sequence_layers.serving.v1.StreamRequest\x1a*.sequence_layers.serving.v1.StreamResponse(\x01\x30\x01\x12k\n\nListModels\x12-.sequence_layers.serving.v1.ListModelsRequest\x1a..sequence_layers.serving.v1.ListModelsResponse\x12^\n\x08GetModel\x12+.sequence_layers.serving.v1.GetModelRequest\x1a%.sequence_layers.serving.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*sequence_layers/serving/v1/streaming.proto\x12\x1asequence_layers.serving.v1\"W\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x30\n\x05\x64type\x18\x02 \x01(\x0e\x32!.sequence_layers.serving.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xbd\x01\n\x0cStreamConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\tstream_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12N\n\x0fspeech_segments\x18\n \x01(\x0b\x32\x30.sequence_layers.serving.v1.SpeechSegmentsConfigH\x01\x88\x01\x01\x12\x14\n\x0cresume_token\x18\x0b \x01(\x0c\x42\x0c\n\n_stream_idB\x12\n\x10_speech_segments\"\xda\x01\n\x14SpeechSegmentsConfig\x12\x16\n\tthreshold\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rneg_threshold\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12$\n\x17min_silence_duration_ms\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x1a\n\rspeech_pad_ms\x18\x04 \x01(\x05H\x03\x88\x01\x01\x42\x0c\n\n_thresholdB\x10\n\x0e_neg_thresholdB\x1a\n\x18_min_silence_duration_msB\x10\n\x0e_speech_pad_ms\"\r\n\x0b\x45ndOfStream\"\xc3\x01\n\rStreamRequest\x12:\n\x06\x63onfig\x18\x01 \x01(\x0b\x32(.sequence_layers.serving.v1.StreamConfigH\x00\x12\x33\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\".sequence_layers.serving.v1.TensorH\x00\x12\x36\n\x03\x65nd\x18\x03 \x01(\x0b\x32\'.sequence_layers.serving.v1.EndOfStreamH\x00\x42\t\n\x07request\"/\n\x05Ratio\x12\x11\n\tnumerator\x18\x01 \x01(\x03\x12\x13\n\x0b\x64\x65nominator\x18\x02 \x01(\x03\"\x89\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x36\n\x0binput_dtype\x18\x04 \x01(\x0e\x32!.sequence_layers.serving.v1.DType\x12\x14\n\x0coutput_shape\x18\x05 \x03(\x03\x12\x37\n\x0coutput_dtype\x18\x06 \x01(\x0e\x32!.sequence_layers.serving.v1.DType\x12\x13\n\x0bsample_rate\x18\x07 \x01(\x05\x12\x12\n\nblock_size\x18\x08 \x01(\x03\x12\x37\n\x0coutput_ratio\x18\t \x01(\x0b\x32!.sequence_layers.serving.v1.Ratio\x12\x15\n\rinput_latency\x18\n \x01(\x03\x12\x16\n\x0eoutput_latency\x18\x0b \x01(\x03\x12\x13\n\x0bmax_streams\x18\x0c \x01(\x05\x12\x17\n\x0fspeech_segments\x18\x14 \x01(\x08\"X\n\rStreamStarted\x12\x34\n\x05model\x18\x01 \x01(\x0b\x32%.sequence_layers.serving.v1.ModelInfo\x12\x11\n\tstream_id\x18\x02 \x01(\t\"R\n\x0cStreamOutput\x12\x32\n\x06tensor\x18\x01 \x01(\x0b\x32\".sequence_layers.serving.v1.Tensor\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"]\n\x0bStreamEnded\x12\x11\n\tframes_in\x18\x01 \x01(\x03\x12\x12\n\nframes_out\x18\x02 \x01(\x03\x12\r\n\x05ticks\x18\x03 \x01(\x03\x12\x18\n\x10\x64uration_seconds\x18\x04 \x01(\x01\"\x1f\n\rSpeechStarted\x12\x0e\n\x06sample\x18\x01 \x01(\x03\"\x1f\n\rSpeechStopped\x12\x0e\n\x06sample\x18\x01 \x01(\x03\"<\n\x0bStreamMoved\x12\x14\n\x0cresume_token\x18\x01 \x01(\x0c\x12\x17\n\x0f\x66rames_received\x18\x02 \x01(\x03\"\x94\x03\n\x0eStreamResponse\x12<\n\x07started\x18\x01 \x01(\x0b\x32).sequence_layers.serving.v1.StreamStartedH\x00\x12:\n\x06output\x18\x02 \x01(\x0b\x32(.sequence_layers.serving.v1.StreamOutputH\x00\x12\x38\n\x05\x65nded\x18\x03 \x01(\x0b\x32\'.sequence_layers.serving.v1.StreamEndedH\x00\x12\x43\n\x0espeech_started\x18\n \x01(\x0b\x32).sequence_layers.serving.v1.SpeechStartedH\x00\x12\x43\n\x0espeech_stopped\x18\x0b \x01(\x0b\x32).sequence_layers.serving.v1.SpeechStoppedH\x00\x12\x38\n\x05moved\x18\x0c \x01(\x0b\x32\'.sequence_layers.serving.v1.StreamMovedH\x00\x42\n\n\x08response\"\x13\n\x11ListModelsRequest\"K\n\x12ListModelsResponse\x12\x35\n\x06models\x18\x01 \x03(\x0b\x32%.sequence_layers.serving.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*A\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\t\n\x05INT16\x10\x02\x12\t\n\x05INT32\x10\x03\x32\xc6\x02\n\x12StreamingInference\x12\x63\n\x06Stream\x12).sequence_layers.serving.v1.StreamRequest\x1a*.sequence_layers.serving.v1.StreamResponse(\x01\x30\x01\x12k\n\nListModels\x12-.sequence_layers.serving.v1.ListModelsRequest\x1a..sequence_layers.serving.v1.ListModelsResponse\x12^\n\x08GetModel\x12+.sequence_layers.serving.v1.GetModelRequest\x1a%.sequence_layers.serving.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sequence_layers.serving.v1.streaming_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2027
-  _globals['_DTYPE']._serialized_end=2092
+  _globals['_DTYPE']._serialized_start=2169
+  _globals['_DTYPE']._serialized_end=2234
   _globals['_TENSOR']._serialized_start=74
   _globals['_TENSOR']._serialized_end=161
   _globals['_STREAMCONFIG']._serialized_start=164
-  _globals['_STREAMCONFIG']._serialized_end=331
-  _globals['_SPEECHSEGMENTSCONFIG']._serialized_start=334
-  _globals['_SPEECHSEGMENTSCONFIG']._serialized_end=552
-  _globals['_ENDOFSTREAM']._serialized_start=554
-  _globals['_ENDOFSTREAM']._serialized_end=567
-  _globals['_STREAMREQUEST']._serialized_start=570
-  _globals['_STREAMREQUEST']._serialized_end=765
-  _globals['_RATIO']._serialized_start=767
-  _globals['_RATIO']._serialized_end=814
-  _globals['_MODELINFO']._serialized_start=817
-  _globals['_MODELINFO']._serialized_end=1210
-  _globals['_STREAMSTARTED']._serialized_start=1212
-  _globals['_STREAMSTARTED']._serialized_end=1300
-  _globals['_STREAMOUTPUT']._serialized_start=1302
-  _globals['_STREAMOUTPUT']._serialized_end=1384
-  _globals['_STREAMENDED']._serialized_start=1386
-  _globals['_STREAMENDED']._serialized_end=1479
-  _globals['_SPEECHSTARTED']._serialized_start=1481
-  _globals['_SPEECHSTARTED']._serialized_end=1512
-  _globals['_SPEECHSTOPPED']._serialized_start=1514
-  _globals['_SPEECHSTOPPED']._serialized_end=1545
-  _globals['_STREAMRESPONSE']._serialized_start=1548
-  _globals['_STREAMRESPONSE']._serialized_end=1894
-  _globals['_LISTMODELSREQUEST']._serialized_start=1896
-  _globals['_LISTMODELSREQUEST']._serialized_end=1915
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1917
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1992
-  _globals['_GETMODELREQUEST']._serialized_start=1994
-  _globals['_GETMODELREQUEST']._serialized_end=2025
-  _globals['_STREAMINGINFERENCE']._serialized_start=2095
-  _globals['_STREAMINGINFERENCE']._serialized_end=2421
+  _globals['_STREAMCONFIG']._serialized_end=353
+  _globals['_SPEECHSEGMENTSCONFIG']._serialized_start=356
+  _globals['_SPEECHSEGMENTSCONFIG']._serialized_end=574
+  _globals['_ENDOFSTREAM']._serialized_start=576
+  _globals['_ENDOFSTREAM']._serialized_end=589
+  _globals['_STREAMREQUEST']._serialized_start=592
+  _globals['_STREAMREQUEST']._serialized_end=787
+  _globals['_RATIO']._serialized_start=789
+  _globals['_RATIO']._serialized_end=836
+  _globals['_MODELINFO']._serialized_start=839
+  _globals['_MODELINFO']._serialized_end=1232
+  _globals['_STREAMSTARTED']._serialized_start=1234
+  _globals['_STREAMSTARTED']._serialized_end=1322
+  _globals['_STREAMOUTPUT']._serialized_start=1324
+  _globals['_STREAMOUTPUT']._serialized_end=1406
+  _globals['_STREAMENDED']._serialized_start=1408
+  _globals['_STREAMENDED']._serialized_end=1501
+  _globals['_SPEECHSTARTED']._serialized_start=1503
+  _globals['_SPEECHSTARTED']._serialized_end=1534
+  _globals['_SPEECHSTOPPED']._serialized_start=1536
+  _globals['_SPEECHSTOPPED']._serialized_end=1567
+  _globals['_STREAMMOVED']._serialized_start=1569
+  _globals['_STREAMMOVED']._serialized_end=1629
+  _globals['_STREAMRESPONSE']._serialized_start=1632
+  _globals['_STREAMRESPONSE']._serialized_end=2036
+  _globals['_LISTMODELSREQUEST']._serialized_start=2038
+  _globals['_LISTMODELSREQUEST']._serialized_end=2057
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2059
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2134
+  _globals['_GETMODELREQUEST']._serialized_start=2136
+  _globals['_GETMODELREQUEST']._serialized_end=2167
+  _globals['_STREAMINGINFERENCE']._serialized_start=2237
+  _globals['_STREAMINGINFERENCE']._serialized_end=2563
 # @@protoc_insertion_point(module_scope)

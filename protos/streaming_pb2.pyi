@@ -29,14 +29,16 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
-    __slots__ = ("model", "stream_id", "speech_segments")
+    __slots__ = ("model", "stream_id", "speech_segments", "resume_token")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     SPEECH_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model: str
     stream_id: str
     speech_segments: SpeechSegmentsConfig
-    def __init__(self, model: _Optional[str] = ..., stream_id: _Optional[str] = ..., speech_segments: _Optional[_Union[SpeechSegmentsConfig, _Mapping]] = ...) -> None: ...
+    resume_token: bytes
+    def __init__(self, model: _Optional[str] = ..., stream_id: _Optional[str] = ..., speech_segments: _Optional[_Union[SpeechSegmentsConfig, _Mapping]] = ..., resume_token: _Optional[bytes] = ...) -> None: ...
 
 class SpeechSegmentsConfig(_message.Message):
     __slots__ = ("threshold", "neg_threshold", "min_silence_duration_ms", "speech_pad_ms")
@@ -142,19 +144,29 @@ class SpeechStopped(_message.Message):
     sample: int
     def __init__(self, sample: _Optional[int] = ...) -> None: ...
 
+class StreamMoved(_message.Message):
+    __slots__ = ("resume_token", "frames_received")
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    resume_token: bytes
+    frames_received: int
+    def __init__(self, resume_token: _Optional[bytes] = ..., frames_received: _Optional[int] = ...) -> None: ...
+
 class StreamResponse(_message.Message):
-    __slots__ = ("started", "output", "ended", "speech_started", "speech_stopped")
+    __slots__ = ("started", "output", "ended", "speech_started", "speech_stopped", "moved")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
     SPEECH_STARTED_FIELD_NUMBER: _ClassVar[int]
     SPEECH_STOPPED_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
     started: StreamStarted
     output: StreamOutput
     ended: StreamEnded
     speech_started: SpeechStarted
     speech_stopped: SpeechStopped
-    def __init__(self, started: _Optional[_Union[StreamStarted, _Mapping]] = ..., output: _Optional[_Union[StreamOutput, _Mapping]] = ..., ended: _Optional[_Union[StreamEnded, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_stopped: _Optional[_Union[SpeechStopped, _Mapping]] = ...) -> None: ...
+    moved: StreamMoved
+    def __init__(self, started: _Optional[_Union[StreamStarted, _Mapping]] = ..., output: _Optional[_Union[StreamOutput, _Mapping]] = ..., ended: _Optional[_Union[StreamEnded, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_stopped: _Optional[_Union[SpeechStopped, _Mapping]] = ..., moved: _Optional[_Union[StreamMoved, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

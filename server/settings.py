@@ -41,6 +41,13 @@ class ServerSettings:
     )
     api_key_file: str | None = knob(None, "file with one API key per line: auth on")
     api_keys: tuple[str, ...] = knob((), "API keys (flag: --api-key, repeatable)", flag=False)
+    resume_key_file: str | None = knob(
+        None,
+        "stream migration: file of HMAC keys, one a line, newest first (the first signs "
+        "resume tokens, all verify, so keys rotate), e.g. a mounted Kubernetes Secret shared "
+        "by the replicas; on SIGTERM, open streams then move to another replica instead of "
+        "ending (server/resume.py)",
+    )
     tls_cert: str | None = knob(None, "PEM certificate: gRPC with TLS, HTTPS and WSS")
     tls_key: str | None = knob(None, "PEM private key for --tls-cert")
     log_level: str = knob("info", "debug, info, warning or error")

@@ -89,6 +89,9 @@ async def drive_page(debug_port: int, artifact: Path) -> dict[str, object]:
         state["sent"] = int(
             await _evaluate(ws, "document.getElementById('sent').dataset.count", ids)
         )
+        state["moves"] = int(
+            await _evaluate(ws, "document.getElementById('moves').dataset.count", ids)
+        )
         state["vad_shown"] = await _evaluate(ws, "!document.getElementById('vad').hidden", ids)
         state["segments"] = int(
             await _evaluate(ws, "document.getElementById('segment-count').dataset.count", ids)
@@ -141,43 +144,74 @@ def test_browser_shows_speech_probability_and_segments(tmp_path: Path) -> None:
     assert 0.0 <= float(str(state["probability"])) <= 1.0
 
 
+def test_browser_follows_a_moved_stream(tmp_path: Path) -> None:
+    """The page against a fake replica (tests/clients/fake_servers.py) that
+    hands the stream off after 1 s of audio and takes it back on the page's
+    reconnect: every captured frame reaches the server exactly once (its
+    frame count equals the page's), and the page shows exactly the outputs
+    the server made (none repeated, none missing)."""
+    from tests.clients.fake_servers import Behaviour, replicas
+
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, 4.0)
+    replica = Behaviour(move_after=16000, check_values=False)
+    with replicas(replica) as fakes:
+        http_url = fakes.ws_urls[0].replace("ws://", "http://")
+        state = _browse(http_url, "fake", wav, 3, "browser-moved.png")
+    log = replica.log
+    assert state["status"] == "ended", (state, log)
+    assert state["moves"] == 1
+    moved = next(e["moved"] for e in log if "moved" in e)
+    assert {"resumed": moved, "emitted": moved - 2} in log  # the fake steps whole chunks of 4
+    assert {"token_in": "query"} in log
+    ended = next(e["ended"] for e in log if "ended" in e)
+    assert ended == state["sent"] > moved  # all audio, once: no gap, no duplicate
+    assert state["frames"] == state["server_frames"] == ended - 2
+
+
 def _run_page(
     model_args: list[str], model: str, wav: Path, seconds: int, screenshot: str
 ) -> dict[str, object]:
+    with running_server([*model_args, "--max-streams", "2", "--buckets", "2"]) as server:
+        return _browse(server.http_url, model, wav, seconds, screenshot)
+
+
+def _browse(
+    http_url: str, model: str, wav: Path, seconds: int, screenshot: str
+) -> dict[str, object]:
     artifacts = ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
-    with running_server([*model_args, "--max-streams", "2", "--buckets", "2"]) as server:
-        debug_port = free_port()
-        profile = tempfile.mkdtemp(prefix="chromium-")
-        url = f"{server.http_url}/?model={model}&autostart=1&seconds={seconds}"
-        browser = subprocess.Popen(
-            [
-                str(CHROMIUM),
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--autoplay-policy=no-user-gesture-required",
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={wav}",
-                f"--remote-debugging-port={debug_port}",
-                f"--user-data-dir={profile}",
-                "--window-size=900,600",
-                url,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            state = asyncio.run(drive_page(debug_port, artifacts / screenshot))
-        finally:
-            browser.kill()
-            browser.wait(timeout=10)
-            shutil.rmtree(profile, ignore_errors=True)
+    debug_port = free_port()
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    url = f"{http_url}/?model={model}&autostart=1&seconds={seconds}"
+    browser = subprocess.Popen(
+        [
+            str(CHROMIUM),
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--autoplay-policy=no-user-gesture-required",
+            "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}",
+            f"--remote-debugging-port={debug_port}",
+            f"--user-data-dir={profile}",
+            "--window-size=900,600",
+            url,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        state = asyncio.run(drive_page(debug_port, artifacts / screenshot))
+    finally:
+        browser.kill()
+        browser.wait(timeout=10)
+        shutil.rmtree(profile, ignore_errors=True)
     assert (artifacts / screenshot).stat().st_size > 1000
     return state

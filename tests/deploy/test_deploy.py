@@ -5,6 +5,7 @@ compose file parses, and the Dockerfile's entrypoint works as written."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import signal
@@ -122,7 +123,21 @@ def kustomize(directory: Path) -> list[dict[str, Any]]:
                 for c in d["spec"]["template"]["spec"]["containers"]:
                     if c["image"].split(":")[0] == image["name"]:
                         c["image"] = f"{image['name']}:{image['newTag']}"
-    for patch in k.get("patches", []):
+    for component in k.get("components", []):
+        # A kustomize Component: its resources join, then its patches apply
+        # to everything so far.
+        path = directory / component
+        c = yaml.safe_load((path / "kustomization.yaml").read_text())
+        assert c["kind"] == "Component", path
+        for res in c.get("resources", []):
+            docs += _load_docs(path / res)
+        _apply_patches(docs, path, c.get("patches", []))
+    _apply_patches(docs, directory, k.get("patches", []))
+    return docs
+
+
+def _apply_patches(docs: list[dict[str, Any]], directory: Path, patches: list[Any]) -> None:
+    for patch in patches:
         if "path" in patch:
             p = yaml.safe_load((directory / patch["path"]).read_text())
             matches = [
@@ -139,7 +154,6 @@ def kustomize(directory: Path) -> list[dict[str, Any]]:
             ]
             assert len(matches) == 1, t
             _json_patch(matches[0], yaml.safe_load(patch["patch"]))
-    return docs
 
 
 @pytest.mark.parametrize("variant", ["base", "overlays/gpu"])
@@ -171,6 +185,97 @@ def test_kubernetes_manifests_validate(variant: str) -> None:
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert container["image"].endswith(":cuda")
         assert 'device = "gpu:0"' in config
+
+
+def test_migration_overlay_moves_streams_on_rollout() -> None:
+    """Stream migration (issue 18): the resume key is a Secret passed as
+    --resume-key-file, an Envoy gateway spreads streams per request with
+    stream-friendly timeouts, and the rollout leaves time to move streams."""
+    docs = kustomize(DEPLOY / "k8s" / "overlays" / "migration")
+    for doc in docs:
+        if not doc["apiVersion"].startswith("monitoring.coreos.com"):
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    server = by_name[("Deployment", "sl-serve")]
+    pod = server["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = container["args"]
+    key_file = Path(args[args.index("--resume-key-file") + 1])
+    drain = float(args[args.index("--drain-seconds") + 1])
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "resume-keys")
+    assert Path(mount["mountPath"]) == key_file.parent and mount["readOnly"]
+    secret = next(v for v in pod["volumes"] if v["name"] == "resume-keys")["secret"]
+    assert secret["secretName"] == "sl-serve-resume-keys"
+    assert secret["items"] == [{"key": "keys", "path": key_file.name}]
+    # Readable by the server's group (fsGroup), by no one else.
+    assert secret["defaultMode"] & 0o040 and not secret["defaultMode"] & 0o007
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]
+    # Flags the server accepts (generated from ServerSettings).
+    from server.settings import ServerSettings
+
+    fields = {f.name for f in dataclasses.fields(ServerSettings)}
+    assert {"resume_key_file", "drain_seconds"} <= fields
+    # The base config stays, with the flags on top; the rest of the pod is kept.
+    assert args[:2] == ["--config", "/etc/sl/server.toml"]
+    assert {v["name"] for v in pod["volumes"]} == {"config", "tmp", "compile-cache", "resume-keys"}
+    # Rollout: a new pod is up before an old one drains; the old one gets
+    # preStop + drain + time to hand its streams off before SIGKILL.
+    rolling = server["spec"]["strategy"]["rollingUpdate"]
+    assert rolling == {"maxUnavailable": 0, "maxSurge": 1}
+    assert "preStop" in container["lifecycle"]
+    assert pod["terminationGracePeriodSeconds"] >= 5 + drain + 10
+    assert by_name[("PodDisruptionBudget", "sl-serve")]["spec"]["maxUnavailable"] == 1
+
+    # The gateway: its Service in front of Envoy; Envoy resolves every ready
+    # pod through a headless Service and balances per stream.
+    headless = by_name[("Service", "sl-serve-pods")]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"].items() <= pod_labels(server).items()
+    gateway = by_name[("Deployment", "sl-gateway")]
+    assert (
+        not pod_labels(gateway).items()
+        <= by_name[("Service", "sl-serve")]["spec"]["selector"].items()
+    )  # the server's Service never selects the gateway
+    assert by_name[("Service", "sl-gateway")]["spec"]["selector"] == pod_labels(gateway)
+    ports = {p["port"] for p in by_name[("Service", "sl-gateway")]["spec"]["ports"]}
+    assert ports == {50051, 8080}
+    envoy = yaml.safe_load(by_name[("ConfigMap", "sl-gateway-config")]["data"]["envoy.yaml"])
+    listeners = {
+        lst["address"]["socket_address"]["port_value"]: lst["filter_chains"][0]["filters"][0][
+            "typed_config"
+        ]
+        for lst in envoy["static_resources"]["listeners"]
+    }
+    assert set(listeners) == {50051, 8080}
+    clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
+    for port, hcm in listeners.items():
+        assert hcm["request_timeout"] == "0s"  # no limit on a stream's length
+        assert _seconds(hcm["stream_idle_timeout"]) >= 600  # quiet streams stay
+        for host in hcm["route_config"]["virtual_hosts"]:
+            for route in host["routes"]:
+                assert route["route"]["timeout"] == "0s"  # no route timeout
+                assert _seconds(route["route"]["idle_timeout"]) >= 600
+                cluster = clusters[route["route"]["cluster"]]
+                endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+                address = endpoint["endpoint"]["address"]["socket_address"]
+                assert address == {"address": "sl-serve-pods", "port_value": port}
+                assert cluster["type"] == "STRICT_DNS"  # every pod, not one ClusterIP
+                assert cluster["lb_policy"] == "LEAST_REQUEST"
+                check = cluster["health_checks"][0]["http_health_check"]
+                assert check["path"] == "/readyz"  # draining pods get no new streams
+                protocol = cluster["typed_extension_protocol_options"][
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+                ]["explicit_http_config"]
+                assert ("http2_protocol_options" in protocol) == (port == 50051)
+    assert listeners[8080]["upgrade_configs"] == [{"upgrade_type": "websocket"}]
+    assert listeners[50051]["codec_type"] == "HTTP2"
+    grpc_endpoint = clusters["sl-serve-grpc"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert grpc_endpoint["endpoint"]["health_check_config"] == {"port_value": 8080}
+
+
+def _seconds(duration: str) -> float:
+    assert duration.endswith("s"), duration
+    return float(duration[:-1])
 
 
 def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
