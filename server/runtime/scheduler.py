@@ -272,6 +272,8 @@ class Scheduler:
                 frames += output.frames.shape[0]
             if final:
                 self._finish(stream, stream.ended(), "ok", out)
+            else:
+                stream.update_ready(now)
         self.ticks += 1
         return out, frames
 

@@ -245,7 +245,8 @@ class Stream:
         """One tick's outputs `[chunk * ratio, *out]` for this stream: the
         `Output` of its valid frames (None if none) and whether that was its
         last tick. `mask` is None when every frame is valid (the usual case:
-        no boolean gather)."""
+        no boolean gather). The caller queues the output, then updates
+        readiness (the queued output counts against backpressure)."""
         chunk = self.in_flight.popleft()
         self.ticks += 1
         if self.phase is Phase.DONE:
@@ -262,8 +263,6 @@ class Stream:
                 self.first_output_at = now
             output = Output(frames, self.frames_out, chunk.received_at)
             self.frames_out += frames.shape[0]
-        if not chunk.final:
-            self.update_ready(now)
         return output, chunk.final
 
     def finish(self, outcome: str) -> None:
