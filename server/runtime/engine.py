@@ -8,9 +8,9 @@ routes N's outputs. So a backlog keeps the device busy while the host does
 its part, and each stream has up to two chunks in flight, delivered in order.
 
 Threading: one lock (`_cond`) serializes every call into the scheduler:
-the doors' loops (through `StreamHandle`: push, end, cancel, acknowledge)
-and the tick thread (schedule, update_from_output). Device calls run
-outside it.
+the doors' loops (through `StreamHandle`: push, end, cancel) and the tick
+thread (schedule, update_from_output). Device calls run outside it, and so
+do the clients' reads (counted on the stream without the lock).
 """
 
 from __future__ import annotations
@@ -180,10 +180,10 @@ class Engine:
             self._route(self.scheduler.cancel(stream, error, outcome))
             self._cond.notify()
 
-    def acknowledge(self, stream: Stream) -> None:
+    def wake(self) -> None:
+        """Something changed that the tick thread should look at."""
         with self._cond:
-            if self.scheduler.acknowledge(stream, time.monotonic()):
-                self._cond.notify()  # backpressure lifted
+            self._cond.notify()
 
     def _route(self, deliveries: list[Delivery]) -> None:
         """Under the lock, so a stream's items keep their order."""

@@ -2,7 +2,6 @@
 
     add(stream_id)            admit a stream into a free slot, or refuse it
     push / end / cancel       a stream's input and lifecycle
-    acknowledge               its client read an output (backpressure)
     schedule(now, ...)        the next tick's streams, staged; or how long to wait
     update_from_output(...)   route a tick's outputs to its streams
     snapshot()                a `SchedulerStats`
@@ -175,12 +174,6 @@ class Scheduler:
             self._finish(stream, CANCELLED if error is None else error, outcome, out)
         return out
 
-    def acknowledge(self, stream: Stream, now: float) -> bool:
-        """The client read one item; True if that lifted its backpressure."""
-        stream.backlog -= 1
-        stream.last_read = now
-        return stream.update_ready(now)
-
     # Ticks -----------------------------------------------------------------------
 
     def schedule(
@@ -197,6 +190,10 @@ class Scheduler:
         for s in self._streams.values():
             if s.ready_since is not None:
                 ready.append(s)
+            elif s.blocked:
+                # Its client may have read since (see `Stream.mark_read`).
+                if s.update_ready(now):
+                    ready.append(s)
             elif s.waiting_for_input:
                 joinable += 1
                 eta = s.expected_at
@@ -312,7 +309,7 @@ class Scheduler:
     # Internals -------------------------------------------------------------------
 
     def _emit(self, stream: Stream, item: Any, out: list[Delivery]) -> None:
-        stream.backlog += 1
+        stream.items_queued += 1
         out.append((stream, item))
 
     def _finish(self, stream: Stream, item: Any, outcome: str, out: list[Delivery]) -> None:

@@ -7,10 +7,13 @@ per tick, drops the stream's first `output_latency` output frames, flushes
 frames (with their offsets). So the frames a client receives equal
 `layer()` on its whole input. Its lifecycle is one `Phase`.
 
-Threading: a `Stream` has no lock and one writer, the `Scheduler` that owns
-it (which the engine calls under its lock, from the tick thread and from the
-doors' loops). A `StreamHandle` lives on its door's event loop; it writes no
-`Stream` field, it asks the engine (`StreamOwner`).
+Threading: a `Stream` has no lock, and each field one writer. The
+`Scheduler` that owns it writes all but two (the engine calls it under its
+lock, from the tick thread and from the doors' loops). The client's reads
+are counted by its `StreamHandle` on the door's loop, in `items_read` and
+`last_read` (`mark_read`), without the lock: a read is the most frequent
+event of a stream, and the scheduler only needs the count, which it reads
+as `backlog`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import dataclasses
 import enum
 import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -112,8 +116,10 @@ class Stream:
         self.frames_in = 0
         self.frames_out = 0
         self.ticks = 0
-        # Items queued for the client and not yet read by it.
-        self.backlog = 0
+        # Items queued for the client (written by the scheduler) and read by
+        # it (written by its handle): their difference is the backlog.
+        self.items_queued = 0
+        self.items_read = 0
         # When its next chunk became ready (None: none is).
         self.ready_since: float | None = None
         # That chunk was completed by the client's input (a real-time
@@ -175,7 +181,7 @@ class Stream:
         ready = (
             self.phase is not Phase.DONE
             and len(self.in_flight) < MAX_IN_FLIGHT
-            and self.backlog < self._max_backlog
+            and self.items_queued - self.items_read < self._max_backlog
             and self._has_chunk()
         )
         if not ready:
@@ -195,6 +201,25 @@ class Stream:
         if self.buffered >= self._chunk:
             return True
         return self.phase is Phase.ENDING and (self.buffered > 0 or self._flush_frames > 0)
+
+    @property
+    def backlog(self) -> int:
+        """Items queued for the client and not read yet."""
+        return self.items_queued - self.items_read
+
+    def mark_read(self, now: float) -> bool:
+        """The client read one item (its handle calls this, on its loop).
+        True if that may have lifted its backpressure: the engine should
+        look at the stream again. The backlog moves one item at a time, so
+        the read that takes it below the limit sees exactly limit - 1."""
+        self.last_read = now
+        self.items_read += 1
+        return self.items_queued - self.items_read == self._max_backlog - 1
+
+    @property
+    def blocked(self) -> bool:
+        """Has a chunk but may not tick now (backpressure, or two in flight)."""
+        return self.ready_since is None and self.phase is not Phase.DONE and self._has_chunk()
 
     @property
     def waiting_for_input(self) -> bool:
@@ -282,7 +307,7 @@ class StreamOwner(Protocol):
     def push(self, stream: Stream, x: np.ndarray) -> None: ...
     def end(self, stream: Stream) -> None: ...
     def cancel(self, stream: Stream, error: StreamError | None, outcome: str) -> None: ...
-    def acknowledge(self, stream: Stream) -> None: ...
+    def wake(self) -> None: ...
 
 
 class StreamHandle:
@@ -363,7 +388,8 @@ class StreamHandle:
         requested), then one `Ended`; raises the stream's `StreamError`."""
         while True:
             item = await self._queue.get()
-            self._owner.acknowledge(self._stream)
+            if self._stream.mark_read(time.monotonic()):
+                self._owner.wake()  # backpressure lifted
             if item is CANCELLED:
                 return
             if isinstance(item, StreamError):

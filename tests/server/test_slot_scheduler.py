@@ -255,7 +255,7 @@ def test_backpressure_pauses_a_stream_and_a_slow_consumer_is_ended() -> None:
     assert s.backlog == 1 and s.ready_since is None  # not scheduled while unread
     h.now += 1.0
     assert h.schedule()[0] is None
-    assert h.scheduler.acknowledge(s, h.now)  # read: ready again
+    assert s.mark_read(h.now)  # read: below the limit again
     assert h.step() is not None
     h.now += 2.5  # not read for longer than the timeout
     h.schedule()
