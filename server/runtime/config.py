@@ -27,10 +27,10 @@ class SchedulerConfig:
         "(streams expected sooner are waited for within --latency-budget-ms)",
     )
     latency_budget_ms: float = knob(
-        50.0,
-        "the time from a chunk being ready to its outputs that batching may spend: a ready "
-        "chunk waits for streams expected to join its tick as long as it still makes this, so "
-        "ticks grow with load; new streams are refused while many chunks wait longer",
+        80.0,
+        "most time from a chunk being ready to its outputs, tick included: a ready chunk "
+        "waits for streams expected to join its tick as long as it still makes this, so ticks "
+        "grow with load; new streams are refused while many chunks miss it",
         positive=True,
     )
     idle_timeout_s: float = knob(

@@ -27,8 +27,9 @@ _TICK_WEIGHT = 0.2
 _MAX_PERIOD_S = 2.0
 
 # Admission: refuse new streams while at least this share of real-time
-# chunks waited past the budget, over at least this many chunks (fewer say
-# nothing: a burst at start-up is not an overload).
+# chunks missed the budget (waited longer than it allows, less the tick's
+# expected time), over at least this many chunks (fewer say nothing: a burst
+# at start-up is not an overload).
 LATE_SHARE = 0.25
 MIN_CHUNKS = 50
 
@@ -129,8 +130,8 @@ class TickTimes:
 
 
 class LateMeter:
-    """Real-time chunks that waited past the latency budget, counted over the
-    last one to two windows of `window_s` (two counters, rotated)."""
+    """Real-time chunks that missed the latency budget, counted over the last
+    one to two windows of `window_s` (two counters, rotated)."""
 
     def __init__(self, window_s: float = 2.0) -> None:
         self.window_s = window_s
@@ -188,8 +189,8 @@ def admission_error(
         )
     if overloaded(late, total):
         return ResourceExhausted(
-            f"model {name!r} is at capacity: {late} of its last {total} chunks waited longer "
-            f"than its {budget_ms:g} ms latency budget; retry later or use another replica."
+            f"model {name!r} is at capacity: {late} of its last {total} chunks missed its "
+            f"{budget_ms:g} ms latency budget; retry later or use another replica."
         )
     return None
 

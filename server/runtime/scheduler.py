@@ -225,11 +225,12 @@ class Scheduler:
     ) -> Tick:
         """Takes one chunk from each stream into the staging arrays."""
         waits = tuple(now - s.ready_since for s in batch)  # type: ignore[operator]
-        # Real-time chunks that waited past the budget: the overload signal.
+        # Real-time chunks whose outputs will come later than the budget
+        # allows (their wait and the tick's expected time): the overload signal.
         realtime = [w for s, w in zip(batch, waits, strict=True) if s.ready_by_input]
         if realtime:
-            late = sum(w > self._budget_s for w in realtime)
-            self.late.observe(now, late, len(realtime))
+            allowed = self._budget_s - self.tick_times.estimate(bucket)
+            self.late.observe(now, sum(w > allowed for w in realtime), len(realtime))
         # Slot order lets a full-occupancy tick step rows in place.
         batch.sort(key=_slot_of)
         n = len(batch)
