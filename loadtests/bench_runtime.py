@@ -1,13 +1,13 @@
-"""Runtime benchmark: the Scheduler against the bare jitted step, in one run.
+"""Runtime benchmark: one model's Engine against the bare jitted step, in one run.
 
 Figures, measured in the same process:
-- server/raw: frames/s through the Scheduler at full occupancy (N streams,
+- server/raw: frames/s through the Engine at full occupancy (N streams,
   every chunk ready, full ticks back to back) over frames/s of the bare
   jitted batch-N step. --repeats pairs of runs (server then raw, or raw then
   server, alternating so that the machine's drift cancels within a pair);
   the median of the per-pair ratios, with quartiles and range.
 - batched/sequential: the same N streams stepped one at a time at batch 1
-  (bare step, so the most favourable sequential baseline) over the Scheduler.
+  (bare step, so the most favourable sequential baseline) over the Engine.
 - tick overhead under backlog: steady-state tick wall time (interval between
   consecutive full-occupancy ticks) minus the bare step's time, compared
   quantile by quantile (p50 with p50, p99 with p99), and the time the device
@@ -40,8 +40,7 @@ import numpy as np
 import sequence_layers as sl
 from server.defaults import BUILTIN_MODELS
 from server.model import ServableModel
-from server.scheduler import Scheduler, SchedulerConfig
-from server.session import Ended
+from server.runtime import Ended, Engine, SchedulerConfig
 from server.stats import TickStats
 
 
@@ -92,9 +91,7 @@ async def _drain(session: Any) -> None:
             return
 
 
-def scheduler_seconds(
-    scheduler: Scheduler, inputs: list[np.ndarray], ticks: list[TickStats]
-) -> float:
+def scheduler_seconds(scheduler: Engine, inputs: list[np.ndarray], ticks: list[TickStats]) -> float:
     async def main() -> float:
         loop = asyncio.get_running_loop()
         sessions = [scheduler.open_stream(loop) for _ in inputs]
@@ -111,7 +108,7 @@ def scheduler_seconds(
 
 
 def paced_run(
-    scheduler: Scheduler,
+    scheduler: Engine,
     inputs: list[np.ndarray],
     ticks: list[TickStats],
     period: float,
@@ -159,7 +156,7 @@ def main() -> None:
     model = BUILTIN_MODELS[args.model]()
     n = args.streams
     ticks: list[TickStats] = []
-    scheduler = Scheduler(
+    scheduler = Engine(
         model,
         SchedulerConfig(
             max_streams=n,

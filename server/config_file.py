@@ -19,7 +19,7 @@
 
 The keys of `[server]` are the fields of `server.settings.ServerSettings`;
 those of `[defaults]` and `[models.NAME]` the fields of
-`server.scheduler.SchedulerConfig` (each also an `sl-serve` flag, with its
+`server.runtime.SchedulerConfig` (each also an `sl-serve` flag, with its
 help in `sl-serve --help`). Command-line flags override the file. Errors name
 the file, the line and the reason, and stop the server before it starts.
 """
@@ -32,7 +32,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from server.scheduler import SchedulerConfig
+from server.runtime import SchedulerConfig
 from server.settings import ServerSettings, check_value, keys, merge
 
 # Keys and their types come from the settings dataclasses (server/settings.py).

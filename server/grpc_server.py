@@ -22,9 +22,8 @@ from grpc_reflection.v1alpha import reflection
 from protos import streaming_pb2 as pb
 from protos import streaming_pb2_grpc as pb_grpc
 from server.errors import InvalidArgument, StreamError, Unauthenticated
-from server.runtime import Runtime
+from server.runtime import Ended, Output, Runtime, Session
 from server.segments import SpeechEvent
-from server.session import Ended, Output, Session
 from server.stats import ChunkStats, ErrorStats
 from server.wire import (
     array_to_tensor,

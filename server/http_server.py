@@ -33,9 +33,8 @@ from fastapi.staticfiles import StaticFiles
 
 from server.errors import InvalidArgument, StreamError, Unauthenticated
 from server.model import ModelInfo
-from server.runtime import Runtime
+from server.runtime import Ended, Output, Runtime, Session
 from server.segments import SpeechEvent
-from server.session import Ended, Output, Session
 from server.stats import ChunkStats, ErrorStats
 from server.wire import decode_ws_frames, segment_options_from_query, ws_close_code
 

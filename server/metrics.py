@@ -1,29 +1,35 @@
 """Prometheus metrics (names pinned in DESIGN.md section 5), built from the
-stats records the runtime and transports emit, on a registry passed in."""
+stats records the runtime and transports emit and from the runtime's stats
+snapshot, on a registry passed in. Nothing here reads runtime internals."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from server.runtime import Runtime
-from server.stats import ChunkStats, ErrorStats, StreamStats, TickStats
+from server.stats import ChunkStats, ErrorStats, ModelStats, StreamStats, TickStats
 
 # 1 ms .. 10 s: real-time audio lives between a few ms and a few hundred.
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
-class _RuntimeCollector(Collector):
-    """Gauges read from the runtime at scrape time (always current)."""
+class StatsSource(Protocol):
+    """What metrics read of a runtime (`server.runtime.Runtime`)."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def snapshot(self) -> Iterable[ModelStats]: ...
+
+
+class _RuntimeCollector(Collector):
+    """Gauges read from the runtime's stats snapshot at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], Iterable[ModelStats]]) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         active = GaugeMetricFamily("sl_streams_active", "Streams open now.", labels=["model"])
@@ -31,11 +37,12 @@ class _RuntimeCollector(Collector):
         compile_s = GaugeMetricFamily(
             "sl_compile_seconds", "Compile time of each tick bucket.", labels=["model", "bucket"]
         )
-        for name, scheduler in self.runtime.schedulers.items():
-            active.add_metric([name], scheduler.active_streams)
-            slots.add_metric([name], scheduler.config.max_streams)
-            for bucket, seconds in scheduler.compile_seconds.items():
-                compile_s.add_metric([name, str(bucket)], seconds)
+        for model in self.snapshot():
+            name = model.scheduler.model
+            active.add_metric([name], model.scheduler.active_streams)
+            slots.add_metric([name], model.scheduler.slots)
+            for bucket, seconds in model.compile_seconds.items():
+                compile_s.add_metric([name, bucket], seconds)
         yield active
         yield slots
         yield compile_s
@@ -45,7 +52,7 @@ class Metrics:
     """Turns stats records into Prometheus series. Pass `record` as the
     runtime's stats sink."""
 
-    def __init__(self, registry: CollectorRegistry, runtime: Runtime | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry, runtime: StatsSource | None = None) -> None:
         self.registry = registry
         self.streams_total = Counter(
             "sl_streams_total",
@@ -103,8 +110,8 @@ class Metrics:
         if runtime is not None:
             self.attach(runtime)
 
-    def attach(self, runtime: Runtime) -> None:
-        self.registry.register(_RuntimeCollector(runtime))
+    def attach(self, runtime: StatsSource) -> None:
+        self.registry.register(_RuntimeCollector(runtime.snapshot))
 
     def record(self, stats: Any) -> None:
         if isinstance(stats, TickStats):

@@ -34,8 +34,7 @@ from server.grpc_server import GrpcServer
 from server.http_server import create_app
 from server.metrics import Metrics
 from server.model import ServableModel, load_model_dir
-from server.runtime import Runtime
-from server.scheduler import SchedulerConfig
+from server.runtime import Runtime, SchedulerConfig
 from server.settings import ServerSettings, add_flags, flag_values, merge
 from server.stats import StreamStats
 

@@ -2,7 +2,7 @@
 
 Every knob of `sl-serve` is a field of a frozen dataclass, declared with
 `knob(default, help)`: `ServerSettings` (the process) and
-`server.scheduler.SchedulerConfig` (per model). From the fields come the
+`server.runtime.SchedulerConfig` (per model). From the fields come the
 command-line flags (`--max-streams`), the keys a config file accepts, their
 type checks, and the merge of built-in default < file < flag. A new knob is
 one field; nothing else to keep in step.

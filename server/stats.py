@@ -62,3 +62,34 @@ class ErrorStats:
     model: str
     code: str
     transport: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot of one model's scheduler, read at scrape time."""
+
+    model: str
+    active_streams: int
+    slots: int
+    # Streams with a chunk waiting for a tick now.
+    ready_streams: int
+    ticks: int
+    # Ticks dispatched while the one before was still on the device.
+    look_ahead_ticks: int
+    # Real-time chunks over the recent windows, and those that waited past
+    # the latency budget; `overloaded`: new streams are refused for it.
+    recent_chunks: int
+    late_chunks: int
+    overloaded: bool
+    # Expected device seconds of a tick, per bucket (measured).
+    tick_estimates: dict[int, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStats:
+    """What the metrics layer reads of one served model."""
+
+    scheduler: SchedulerStats
+    # Seconds to compile each program (bucket size, or "full").
+    compile_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    ready: bool = False

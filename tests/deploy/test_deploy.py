@@ -30,7 +30,7 @@ K8S_VERSION = "1.30.0"
 
 def exposed_metric_names() -> set[str]:
     registry = CollectorRegistry()
-    Metrics(registry, runtime=types.SimpleNamespace(schedulers={}))  # type: ignore[arg-type]
+    Metrics(registry, runtime=types.SimpleNamespace(snapshot=list))  # type: ignore[arg-type]
     from prometheus_client import generate_latest
 
     text = generate_latest(registry).decode()

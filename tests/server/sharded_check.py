@@ -11,7 +11,7 @@ import numpy as np
 
 import sequence_layers as sl
 from server.model import ServableModel, init_variables
-from server.scheduler import Scheduler, SchedulerConfig
+from server.runtime import Engine, SchedulerConfig
 from tests.server.streaming import drive
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     inputs = [rng.normal(size=(int(n), 3)).astype(np.float32) for n in lengths]
     outputs = {}
     for shard in (True, False):
-        sched = Scheduler(
+        sched = Engine(
             model,
             SchedulerConfig(
                 max_streams=10, chunk_blocks=2, max_batch_delay_ms=1, shard=shard, buckets=(4, 16)
@@ -39,10 +39,10 @@ def main() -> None:
         )
         sched.start()
         if shard:
-            leaf = jax.tree.leaves(sched.state)[0]
+            leaf = jax.tree.leaves(sched.device.state)[0]
             assert len(leaf.sharding.device_set) == 4, leaf.sharding
 
-        async def run(sched: Scheduler = sched) -> list:
+        async def run(sched: Engine = sched) -> list:
             loop = asyncio.get_running_loop()
             return await asyncio.gather(
                 *(

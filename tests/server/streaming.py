@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from server.session import Ended, Output, Session
+from server.runtime import Ended, Output, StreamHandle
 
 
 async def drive(
@@ -22,7 +22,7 @@ async def drive(
     """Streams `x` in random chunks through a new session; returns the output
     frames (checked contiguous by offset) and the `Ended` record."""
     await asyncio.sleep(float(rng.uniform(0, 0.01)))
-    session: Session = open_session()
+    session: StreamHandle = open_session()
     outputs: list[np.ndarray] = []
 
     async def read() -> Ended:

@@ -92,7 +92,7 @@ def test_every_knob_is_a_flag_and_a_file_key(tmp_path: Path) -> None:
     # reaches the SchedulerConfig / server settings, file < flag.
     import dataclasses
 
-    from server.scheduler import SchedulerConfig
+    from server.runtime import SchedulerConfig
 
     path = _write(
         tmp_path,

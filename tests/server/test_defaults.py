@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from server.defaults import BUILTIN_MODELS
-from server.scheduler import Scheduler, SchedulerConfig
+from server.runtime import Engine, SchedulerConfig
 from tests.server.streaming import drive
 
 # name -> (input lengths in frames, largest client chunk)
@@ -25,7 +25,7 @@ CASES = {
 def test_default_model_streams_equal_offline(name: str) -> None:
     model = BUILTIN_MODELS[name]()
     lengths, max_chunk = CASES[name]
-    scheduler = Scheduler(
+    scheduler = Engine(
         model,
         SchedulerConfig(max_streams=16, chunk_blocks=1, max_batch_delay_ms=2, buckets=(16,)),
     )

@@ -123,8 +123,7 @@ def test_token_model_with_tied_embeddings_saves_loads_and_streams(tmp_path: Path
     # round-trips, and streaming through the Scheduler equals offline.
     import asyncio
 
-    from server.scheduler import Scheduler, SchedulerConfig
-    from server.session import Output
+    from server.runtime import Engine, Output, SchedulerConfig
 
     embed = sl.Embedding.Config(dimension=8, num_embeddings=11, name="embed")
     config = sl.Serial.Config(
@@ -145,7 +144,7 @@ def test_token_model_with_tied_embeddings_saves_loads_and_streams(tmp_path: Path
     np.testing.assert_allclose(loaded.offline(ids), expected, rtol=1e-6, atol=1e-6)
     assert expected.shape == (37, 11)  # logits over the 11 tokens
 
-    sched = Scheduler(loaded, SchedulerConfig(max_streams=2, chunk_blocks=4, buckets=(2,)))
+    sched = Engine(loaded, SchedulerConfig(max_streams=2, chunk_blocks=4, buckets=(2,)))
     sched.start()
     try:
 

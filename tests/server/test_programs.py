@@ -22,7 +22,7 @@ from server.cli import models_main
 from server.errors import ModelLoadError
 from server.model import ServableModel, init_variables, load_model_dir, save_model_dir
 from server.programs import ExportedProgram, LayerProgram
-from server.scheduler import Scheduler, SchedulerConfig
+from server.runtime import Engine, SchedulerConfig
 from tests.server.serving import running_server
 from tests.server.streaming import drive
 
@@ -109,7 +109,7 @@ def _custom_model(tmp_path: Path) -> ServableModel:
 
 
 def _stream_all(model: ServableModel, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    sched = Scheduler(model, SchedulerConfig(max_streams=4, chunk_blocks=3, buckets=(2, 4)))
+    sched = Engine(model, SchedulerConfig(max_streams=4, chunk_blocks=3, buckets=(2, 4)))
     sched.start()
     try:
 

@@ -15,9 +15,7 @@ from sequence_layers import testing
 from server import compile_cache
 from server.errors import Unavailable
 from server.model import ServableModel, init_variables
-from server.runtime import Runtime
-from server.scheduler import SchedulerConfig
-from server.session import Output
+from server.runtime import Output, Runtime, SchedulerConfig
 
 
 def _model(name: str, filters: int) -> ServableModel:
@@ -47,7 +45,7 @@ def test_each_model_serves_as_soon_as_it_is_compiled() -> None:
     # Hold "big" back in its compile until "small" has served a stream.
     release_big = threading.Event()
     small_ready = threading.Event()
-    big = runtime.schedulers["big"]
+    big = runtime.engines["big"]
     compile_big = big.start
 
     def held_start() -> None:
@@ -77,7 +75,7 @@ def test_each_model_serves_as_soon_as_it_is_compiled() -> None:
             return np.concatenate([o.frames for o in outputs if isinstance(o, Output)])
 
         y = asyncio.run(stream())
-        expected = runtime.schedulers["small"].model.offline(np.ones((5, 2), np.float32))
+        expected = runtime.engines["small"].model.offline(np.ones((5, 2), np.float32))
         testing.assert_allclose(y, expected)
         release_big.set()
         starter.join(120)

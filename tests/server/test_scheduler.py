@@ -12,8 +12,15 @@ import pytest
 import sequence_layers as sl
 from server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from server.model import ServableModel, init_variables
-from server.scheduler import Scheduler, SchedulerConfig, buckets_for
-from server.session import MAX_IN_FLIGHT, Ended, Output, Session
+from server.runtime import (
+    MAX_IN_FLIGHT,
+    Ended,
+    Engine,
+    Output,
+    SchedulerConfig,
+    StreamHandle,
+    buckets_for,
+)
 from tests.server.streaming import drive
 
 
@@ -49,7 +56,7 @@ MODELS = {
 }
 
 
-def _run(scheduler: Scheduler, inputs: list[np.ndarray], max_chunk: int, seed: int) -> list:
+def _run(scheduler: Engine, inputs: list[np.ndarray], max_chunk: int, seed: int) -> list:
     out_shape = tuple(scheduler.model.output_spec.shape)
 
     async def main() -> list:
@@ -72,7 +79,7 @@ def _run(scheduler: Scheduler, inputs: list[np.ndarray], max_chunk: int, seed: i
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def scheduler(request: pytest.FixtureRequest):
     model = MODELS[request.param]()
-    sched = Scheduler(
+    sched = Engine(
         model,
         SchedulerConfig(max_streams=16, chunk_blocks=2, max_batch_delay_ms=1, buckets=(4, 16)),
     )
@@ -81,7 +88,7 @@ def scheduler(request: pytest.FixtureRequest):
     sched.stop()
 
 
-def test_concurrent_streams_equal_offline(scheduler: Scheduler) -> None:
+def test_concurrent_streams_equal_offline(scheduler: Engine) -> None:
     rng = np.random.default_rng(0)
     channels = scheduler.model.input_shape
     # Lengths from a few values: the offline oracle compiles once per
@@ -97,7 +104,7 @@ def test_concurrent_streams_equal_offline(scheduler: Scheduler) -> None:
     assert scheduler.active_streams == 0
 
 
-def test_huge_values_do_not_leak_into_other_streams(scheduler: Scheduler) -> None:
+def test_huge_values_do_not_leak_into_other_streams(scheduler: Engine) -> None:
     rng = np.random.default_rng(2)
     channels = scheduler.model.input_shape
     normal = [rng.normal(size=(40, *channels)).astype(np.float32) for _ in range(5)]
@@ -107,7 +114,7 @@ def test_huge_values_do_not_leak_into_other_streams(scheduler: Scheduler) -> Non
         np.testing.assert_allclose(y, scheduler.model.offline(x), rtol=1e-5, atol=1e-5)
 
 
-def test_reused_slot_starts_from_initial_state(scheduler: Scheduler) -> None:
+def test_reused_slot_starts_from_initial_state(scheduler: Engine) -> None:
     rng = np.random.default_rng(4)
     x = rng.normal(size=(30, *scheduler.model.input_shape)).astype(np.float32)
     first = _run(scheduler, [x * 50], max_chunk=7, seed=5)
@@ -116,7 +123,7 @@ def test_reused_slot_starts_from_initial_state(scheduler: Scheduler) -> None:
     np.testing.assert_allclose(second[0][0], scheduler.model.offline(x), rtol=1e-5, atol=1e-5)
 
 
-def test_backlog_overlaps_ticks_and_equals_offline(scheduler: Scheduler) -> None:
+def test_backlog_overlaps_ticks_and_equals_offline(scheduler: Engine) -> None:
     # Whole inputs sent at once: every stream has its next chunk ready while
     # a tick runs, so ticks are dispatched ahead and each stream has two
     # chunks in flight; `end` lands while they are (exact multiples of the
@@ -152,9 +159,9 @@ def test_buckets_are_powers_of_two() -> None:
 
 
 @pytest.fixture(scope="module")
-def small() -> Scheduler:
+def small() -> Engine:
     model = MODELS["downsample_latency"]()
-    sched = Scheduler(
+    sched = Engine(
         model,
         SchedulerConfig(max_streams=4, max_batch_delay_ms=1, idle_timeout_s=0.3, buckets=(4,)),
     )
@@ -163,7 +170,7 @@ def small() -> Scheduler:
     sched.stop()
 
 
-def test_open_cancel_cycles_free_every_slot(small: Scheduler) -> None:
+def test_open_cancel_cycles_free_every_slot(small: Engine) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for i in range(2000):
@@ -172,12 +179,12 @@ def test_open_cancel_cycles_free_every_slot(small: Scheduler) -> None:
                 session.send(np.zeros((i % 7, 3), np.float32))
             session.cancel()
         assert small.active_streams == 0
-        assert len(small._free_slots) == 4
+        assert small.scheduler.free_slots == 4
 
     asyncio.run(main())
 
 
-def test_admission_refuses_when_full(small: Scheduler) -> None:
+def test_admission_refuses_when_full(small: Engine) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         sessions = [small.open_stream(loop) for _ in range(4)]
@@ -190,7 +197,7 @@ def test_admission_refuses_when_full(small: Scheduler) -> None:
     asyncio.run(main())
 
 
-def test_idle_stream_times_out_and_frees_slot(small: Scheduler) -> None:
+def test_idle_stream_times_out_and_frees_slot(small: Engine) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         session = small.open_stream(loop)
@@ -203,7 +210,7 @@ def test_idle_stream_times_out_and_frees_slot(small: Scheduler) -> None:
     asyncio.run(main())
 
 
-def test_draining_refuses_new_streams(small: Scheduler) -> None:
+def test_draining_refuses_new_streams(small: Engine) -> None:
     async def main() -> None:
         small.draining = True
         try:
@@ -215,7 +222,7 @@ def test_draining_refuses_new_streams(small: Scheduler) -> None:
     asyncio.run(main())
 
 
-def test_empty_stream_ends_at_once(small: Scheduler) -> None:
+def test_empty_stream_ends_at_once(small: Engine) -> None:
     async def main() -> None:
         session = small.open_stream(asyncio.get_running_loop())
         session.end()
@@ -225,7 +232,7 @@ def test_empty_stream_ends_at_once(small: Scheduler) -> None:
     asyncio.run(main())
 
 
-def test_bad_chunks_are_refused_and_stream_survives(small: Scheduler) -> None:
+def test_bad_chunks_are_refused_and_stream_survives(small: Engine) -> None:
     from server.errors import InvalidArgument
 
     async def main() -> None:
@@ -247,31 +254,31 @@ def test_bad_chunks_are_refused_and_stream_survives(small: Scheduler) -> None:
     asyncio.run(main())
 
 
-def test_state_is_resident_and_slot_major(small: Scheduler) -> None:
-    leaves = jax.tree.leaves(small.state)
+def test_state_is_resident_and_slot_major(small: Engine) -> None:
+    leaves = jax.tree.leaves(small.device.state)
     assert leaves and all(isinstance(leaf, jax.Array) for leaf in leaves)
-    assert all(small.rows in leaf.shape for leaf in leaves)
+    assert all(small.device.rows in leaf.shape for leaf in leaves)
 
 
 @pytest.mark.parametrize("state_lost", [False, True])
 def test_device_failure_ends_its_streams_and_serving_goes_on(
-    small: Scheduler, monkeypatch: pytest.MonkeyPatch, state_lost: bool
+    small: Engine, monkeypatch: pytest.MonkeyPatch, state_lost: bool
 ) -> None:
     # A failing device call ends the streams in that tick with
     # RESOURCE_EXHAUSTED. If it took the donated state with it, every stream's
     # state is gone: all end, and the slots start over from a fresh state.
-    real = small.dispatch_tick
+    real = small.device.dispatch
 
     def failing(*args: object) -> object:
-        monkeypatch.setattr(small, "dispatch_tick", real)  # fail once
+        monkeypatch.setattr(small.device, "dispatch", real)  # fail once
         if state_lost:
-            for leaf in jax.tree.leaves(small.state):
+            for leaf in jax.tree.leaves(small.device.state):
                 leaf.delete()
         raise RuntimeError("device lost")
 
     x = np.random.default_rng(9).normal(size=(24, 3)).astype(np.float32)
 
-    async def run(session: Session, data: np.ndarray) -> list[np.ndarray]:
+    async def run(session: StreamHandle, data: np.ndarray) -> list[np.ndarray]:
         session.send(data)
         session.end()
         return [i.frames async for i in session.outputs() if isinstance(i, Output)]
@@ -279,7 +286,7 @@ def test_device_failure_ends_its_streams_and_serving_goes_on(
     async def main() -> None:
         loop = asyncio.get_running_loop()
         idle = small.open_stream(loop)  # open, never sends: not in the failing tick
-        monkeypatch.setattr(small, "dispatch_tick", failing)
+        monkeypatch.setattr(small.device, "dispatch", failing)
         with pytest.raises(ResourceExhausted, match="device step failed"):
             await run(small.open_stream(loop), x)
         if state_lost:
@@ -302,7 +309,7 @@ def test_slow_reader_pauses_its_stream_and_resumes_exactly() -> None:
     # the device stops its stream's ticks (the backlog stays bounded), and
     # each read lets it go on, without losing or reordering a frame.
     model = MODELS["upsample"]()
-    sched = Scheduler(
+    sched = Engine(
         model,
         SchedulerConfig(
             max_streams=2, chunk_blocks=1, max_batch_delay_ms=1, buckets=(2,), max_output_backlog=2
@@ -321,8 +328,7 @@ def test_slow_reader_pauses_its_stream_and_resumes_exactly() -> None:
                 frames.append(item.frames)
             await asyncio.sleep(0.01)
             # Before the next read: the device has had time to fill the queue.
-            with sched.lock:
-                most = max(most, session.backlog)
+            most = max(most, session.backlog)
         return frames, most
 
     try:

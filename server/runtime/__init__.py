@@ -1,13 +1,25 @@
-"""`Runtime`: every model one process serves, behind the one API the front
+"""The runtime: every model one process serves, behind the one API the front
 doors (gRPC, WebSocket) use: open a stream, send chunks, end or cancel it,
-iterate its outputs.
+iterate its outputs. No network code here.
+
+One responsibility a module:
+- `config`: `SchedulerConfig`, the per-model knobs (flags and TOML keys are
+  generated from it);
+- `stream`: a stream's host state (`Stream`, one writer) and the doors'
+  handle on it (`StreamHandle`);
+- `policy`: pure rules: when a tick starts, who timed out, whom to admit;
+- `scheduler`: the slot table behind add / push / end / cancel / schedule /
+  update_from_output / snapshot;
+- `device`: the only jax code: compiled programs, slot state, dispatch, fetch;
+- `engine`: one model's tick thread between its scheduler and its device;
+- `router`: outputs from the tick thread to the doors' event loops.
 
 Example:
     runtime = Runtime({"logmel": model}, SchedulerConfig(max_streams=8))
     runtime.start()                     # compiles every bucket; then ready
-    session = runtime.open_stream("logmel")
-    session.send(samples); session.end()
-    async for item in session.outputs(): ...
+    stream = runtime.open_stream("logmel")
+    stream.send(samples); stream.end()
+    async for item in stream.outputs(): ...
 """
 
 from __future__ import annotations
@@ -20,12 +32,22 @@ from typing import Any
 
 from server.errors import ModelNotFound
 from server.model import ModelInfo, ServableModel
-from server.scheduler import Scheduler, SchedulerConfig
-from server.session import Session
+from server.runtime.config import SchedulerConfig as SchedulerConfig
+from server.runtime.config import buckets_for as buckets_for
+from server.runtime.engine import Engine as Engine
+from server.runtime.stream import MAX_IN_FLIGHT as MAX_IN_FLIGHT
+from server.runtime.stream import Ended as Ended
+from server.runtime.stream import Output as Output
+from server.runtime.stream import StreamHandle as StreamHandle
+from server.segments import SpeechEvent as SpeechEvent
+from server.stats import ModelStats
+
+# The name the front doors knew the handle by.
+Session = StreamHandle
 
 
 class Runtime:
-    """Owns one `Scheduler` per model."""
+    """Owns one `Engine` per model."""
 
     def __init__(
         self,
@@ -37,10 +59,10 @@ class Runtime:
             raise ValueError("a Runtime needs at least one model.")
         # Transports report their own stats (chunk latency, errors) here too.
         self.record: Callable[[Any], None] = stats_sink or (lambda _: None)
-        self.schedulers: dict[str, Scheduler] = {}
+        self.engines: dict[str, Engine] = {}
         for name, model in models.items():
             cfg = config.get(name) if isinstance(config, Mapping) else config
-            self.schedulers[name] = Scheduler(model, cfg, stats_sink=stats_sink)
+            self.engines[name] = Engine(model, cfg, stats_sink=stats_sink)
         self.draining = False
 
     def start(self, on_ready: Callable[[str], None] | None = None) -> None:
@@ -52,11 +74,11 @@ class Runtime:
         the GIL while it compiles, so a second core halves a cold start, and
         small models (logmel: seconds) do not wait behind big ones.
         """
-        order = sorted(self.schedulers, key=lambda n: self.schedulers[n].model.parameter_count)
+        order = sorted(self.engines, key=lambda n: self.engines[n].model.parameter_count)
 
         def start_one(name: str) -> None:
-            self.schedulers[name].start()
-            if on_ready is not None and self.schedulers[name].ready:
+            self.engines[name].start()
+            if on_ready is not None and self.engines[name].ready:
                 on_ready(name)
 
         workers = max(1, min(len(order), 2, os.cpu_count() or 1))
@@ -66,51 +88,63 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and all(s.ready for s in self.schedulers.values())
+        return not self.draining and all(e.ready for e in self.engines.values())
 
     def model_state(self, name: str) -> str:
         """`compiling`, `ready` or `draining`: what `/v1/models` shows."""
-        scheduler = self._scheduler(name)
+        engine = self._engine(name)
         if self.draining:
             return "draining"
-        return "ready" if scheduler.ready else "compiling"
+        return "ready" if engine.ready else "compiling"
 
     def model_ready(self, name: str) -> bool:
         return self.model_state(name) == "ready"
 
     def stop(self) -> None:
-        for scheduler in self.schedulers.values():
-            scheduler.stop()
+        for engine in self.engines.values():
+            engine.stop()
 
     def drain(self) -> None:
         """Refuse new streams; streams in flight go on."""
         self.draining = True
-        for scheduler in self.schedulers.values():
-            scheduler.draining = True
+        for engine in self.engines.values():
+            engine.draining = True
 
     @property
     def active_streams(self) -> int:
-        return sum(s.active_streams for s in self.schedulers.values())
+        return sum(e.active_streams for e in self.engines.values())
+
+    def snapshot(self) -> list[ModelStats]:
+        """Every model's stats now (for metrics)."""
+        return [
+            ModelStats(
+                e.snapshot(),
+                {str(k): v for k, v in e.compile_seconds.items()},
+                e.ready,
+            )
+            for e in self.engines.values()
+        ]
 
     def list_models(self) -> list[ModelInfo]:
-        return [s.info for s in self.schedulers.values()]
+        return [e.info for e in self.engines.values()]
 
     def get_model(self, name: str) -> ModelInfo:
-        return self._scheduler(name).info
+        return self._engine(name).info
 
     def open_stream(
         self,
         model: str,
         stream_id: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
-    ) -> Session:
+    ) -> StreamHandle:
         """Admits a stream or raises at once: ModelNotFound, ResourceExhausted
-        (no free slot), Unavailable (draining)."""
-        return self._scheduler(model).open_stream(loop, stream_id)
+        (no free slot, or the model is at capacity), Unavailable (draining,
+        compiling)."""
+        return self._engine(model).open_stream(loop, stream_id)
 
-    def _scheduler(self, name: str) -> Scheduler:
+    def _engine(self, name: str) -> Engine:
         try:
-            return self.schedulers[name]
+            return self.engines[name]
         except KeyError:
-            known = ", ".join(sorted(self.schedulers))
+            known = ", ".join(sorted(self.engines))
             raise ModelNotFound(f"unknown model {name!r}; this server serves: {known}.") from None

@@ -1,0 +1,376 @@
+"""`Device`: the only jax code of the runtime. One model's compiled programs,
+its state for every slot, and the calls that start and fetch a tick.
+
+- `state`: the model's state pytree for `max_streams` slots (rounded up to a
+  multiple of the device count), the slot axis in place of each leaf's batch
+  axis, resident on device and donated to every tick so it updates in place.
+- One jit-compiled tick per power-of-two bucket, compiled before the model
+  serves: gather the slots' state, `step` one chunk of
+  `[bucket, chunk_frames, *c]`, scatter the state back. Slots not in a tick
+  are not stepped at all, so their conv buffers and KV windows do not move.
+  A full tick (every slot, in slot order) steps the donated state as is.
+- New streams' slots are reset to the initial state by a separate program,
+  one in-place row write per stream, rather than a select in every tick.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from server.errors import ModelLoadError
+from server.model import ServableModel, round_up
+from server.programs import LayerProgram, export_in_memory
+from server.runtime.config import SchedulerConfig
+from server.runtime.scheduler import Staging
+
+log = logging.getLogger("sl-serve")
+
+# XLA's CPU runtime reads a host array in place only if it is aligned to
+# 64 bytes; numpy aligns large arrays to 16 or 32, which costs a copy of
+# every tick's input on a runtime thread that competes with the step.
+_XLA_ALIGN = 64
+
+
+class Device:
+    """One model's programs and slot state on its device(s).
+
+    `build()` then `compile()` then `warm_up()`; after that the tick thread
+    alone calls `reset_slots`, `dispatch`, `fetch`, `staging`, `recycle`.
+    """
+
+    def __init__(self, model: ServableModel, config: SchedulerConfig, chunk_frames: int) -> None:
+        self.model = model
+        self.config = config
+        self.chunk_frames = chunk_frames
+        self.buckets = config.tick_buckets()
+        self.compile_seconds: dict[Any, float] = {}
+        self.sharded = False
+        self.rows = config.max_streams
+        self.padding_slot = self.rows
+        self.state: list[jax.Array] = []
+        self._free_staging: dict[int, list[Staging]] = {}
+
+    # Start-up ----------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Chooses the devices, traces the program once, allocates the state."""
+        devices = jax.local_devices()
+        if self.config.device:
+            devices = [parse_device(self.config.device)]
+            self.model.variables = jax.device_put(self.model.variables, devices[0])
+        n_dev = len(devices) if self.config.shard else 1
+        self.sharded = n_dev > 1
+        program = self.model.program
+        if isinstance(program, LayerProgram):
+            # Trace the layer code once, with a symbolic batch size, instead
+            # of once per bucket: each bucket then traces only a call of the
+            # exported step. demo-asr: 1.7 s once + 0.1 s a bucket instead of
+            # 1.1 s a bucket; the compiled ticks are identical (same HLO
+            # after inlining; outputs bit-equal, tick time equal).
+            try:
+                program = export_in_memory(program.layer, self.model.variables, program.input_spec)
+            except ModelLoadError as e:  # a layer that needs a concrete batch size
+                log.info("model %s: tracing per bucket (%s)", self.model.name, e)
+        self.program = program
+        init = lambda b: program.initial_state(self.model.variables, b)
+        one, two = jax.eval_shape(lambda: init(1)), jax.eval_shape(lambda: init(2))
+        self._batch_axes = jax.tree.map(_batch_axis, one, two)
+        # Rows divisible by the device count. Buckets are padded with an
+        # out-of-range slot id: its gather fills zeros and its scatter is
+        # dropped, so no scratch row is needed and a full tick (every slot)
+        # steps the donated state as is, without copying rows out and back.
+        self.rows = round_up(self.config.max_streams, n_dev)
+        self.padding_slot = self.rows
+        self._init_one = jax.tree.map(jnp.asarray, init(1))
+        sharding: Any = None
+        if n_dev == 1 and self.config.device:
+            single = jax.sharding.SingleDeviceSharding(devices[0])
+            sharding = jax.tree.map(lambda _: single, self._batch_axes)
+        if n_dev > 1:
+            mesh = Mesh(np.array(devices[:n_dev]), ("slots",))
+            sharding = jax.tree.map(
+                lambda ax: NamedSharding(mesh, PartitionSpec(*([None] * ax), "slots")),
+                self._batch_axes,
+            )
+        # The state and the variables cross every device call as flat lists
+        # of leaves: flattening their nested dicts on each call cost a
+        # quarter of the call's host time.
+        self._state_def = jax.tree.structure(one)
+        self._state_sharding = None if sharding is None else jax.tree.leaves(sharding)
+        self._var_def = jax.tree.structure(self.model.variables)
+        rows = self.rows
+        self._make_state = jax.jit(
+            lambda: jax.tree.leaves(
+                jax.tree.map(
+                    lambda a, ax: jnp.repeat(a, rows, axis=ax), self._init_one, self._batch_axes
+                )
+            ),
+            out_shardings=self._state_sharding,
+        )
+        # Leaves of the state pytree, in `self._state_def` order.
+        self.state = self._make_state()
+
+    def _tick_fns(self) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+        """(partial tick, full tick, reset one slot) on flat leaves, all pure
+        functions of the state so jit can donate it and update in place."""
+        program, axes, init_one = self.program, self._batch_axes, self._init_one
+        n, rows = self.config.max_streams, self.rows
+        frame_index = jnp.arange(self.chunk_frames, dtype=jnp.int32)
+
+        def step(variables, state, x, lengths):  # type: ignore[no-untyped-def]
+            # A row's valid frames are always a prefix of the chunk (the
+            # client's frames, then the invalid tail), so the mask is built
+            # here from per-row lengths instead of sent with every tick.
+            mask = frame_index[None, :] < lengths[:, None]
+            # Streams zero every invalid frame (chunk tails, flush, padding
+            # rows): the program steps x as a MaskedSequence.
+            return program.step(variables, state, x, mask)
+
+        def partial_tick(variables, state, slot_ids, x, lengths):  # type: ignore[no-untyped-def]
+            # Some slots: gather their rows, step, scatter back. Rows not in
+            # the tick are not stepped at all (their buffers must not move).
+            gathered = jax.tree.map(
+                lambda a, ax: jnp.take(a, slot_ids, axis=ax, mode="fill", fill_value=0),
+                state,
+                axes,
+            )
+            new, y, y_mask = step(variables, gathered, x, lengths)
+            state = jax.tree.map(
+                lambda a, n, ax: a.at[(slice(None),) * ax + (slot_ids,)].set(n, mode="drop"),
+                state,
+                new,
+                axes,
+            )
+            return state, y, y_mask
+
+        def full_tick(variables, state, x, lengths):  # type: ignore[no-untyped-def]
+            # Every slot, in slot order (full occupancy): no gather or scatter.
+            # With rows == max_streams (one device, or a multiple of the
+            # device count) this is the bare step on the donated state.
+            if rows == n:
+                return step(variables, state, x, lengths)
+            head = jax.tree.map(lambda a, ax: jax.lax.slice_in_dim(a, 0, n, axis=ax), state, axes)
+            new, y, y_mask = step(variables, head, x, lengths)
+            state = jax.tree.map(
+                lambda a, r, ax: jax.lax.dynamic_update_slice_in_dim(a, r, 0, axis=ax),
+                state,
+                new,
+                axes,
+            )
+            return state, y, y_mask
+
+        def reset_slot(state, slot):  # type: ignore[no-untyped-def]
+            return jax.tree.map(
+                lambda a, i, ax: jax.lax.dynamic_update_slice_in_dim(a, i, slot, axis=ax),
+                state,
+                init_one,
+                axes,
+            )
+
+        var_def, state_def = self._var_def, self._state_def
+
+        def on_leaves(tick: Callable[..., Any]) -> Callable[..., Any]:
+            # (variables, state, ...) -> (variable leaves, state leaves, ...)
+            def wrapped(var_leaves, state_leaves, *inputs):  # type: ignore[no-untyped-def]
+                variables = jax.tree.unflatten(var_def, var_leaves)
+                state = jax.tree.unflatten(state_def, state_leaves)
+                new, y, y_mask = tick(variables, state, *inputs)
+                return jax.tree.leaves(new), y, y_mask
+
+            return wrapped
+
+        def reset_leaves(state_leaves, slot):  # type: ignore[no-untyped-def]
+            state = jax.tree.unflatten(state_def, state_leaves)
+            return jax.tree.leaves(reset_slot(state, slot))
+
+        return on_leaves(partial_tick), on_leaves(full_tick), reset_leaves
+
+    def compile(self, stopping: Callable[[], bool] = lambda: False) -> bool:
+        """Lowers every program (Python, holds the GIL: cheap since the step
+        is traced once), then compiles them two at a time: XLA compiles, and
+        reads compiled programs back from the persistent cache, without the
+        GIL. A warm start of demo-asr spent most of its time there, one
+        program after another. False if `stopping()` cut it short."""
+        spec = self.model.input_spec
+        out = (self._state_sharding, None, None) if self._state_sharding else None
+        partial_tick, full_tick, reset_slot = self._tick_fns()
+        self._var_leaves = jax.tree.leaves(self.model.variables)
+        x_spec = lambda b: jax.ShapeDtypeStruct((b, self.chunk_frames, *spec.shape), spec.dtype)
+        lengths_spec = lambda b: jax.ShapeDtypeStruct((b,), jnp.int32)
+        partial = jax.jit(partial_tick, donate_argnums=(1,), out_shardings=out)
+        n = self.config.max_streams
+        full = jax.jit(full_tick, donate_argnums=(1,), out_shardings=out)
+        reset = jax.jit(reset_slot, donate_argnums=(0,), out_shardings=self._state_sharding)
+        lowered: dict[Any, tuple[Any, float]] = {}
+        for bucket in self.buckets:
+            start = time.perf_counter()
+            args = (
+                self._var_leaves,
+                self.state,
+                jax.ShapeDtypeStruct((bucket,), jnp.int32),
+                x_spec(bucket),
+                lengths_spec(bucket),
+            )
+            lowered[bucket] = (partial.lower(*args), time.perf_counter() - start)
+        start = time.perf_counter()
+        lowered["full"] = (
+            full.lower(self._var_leaves, self.state, x_spec(n), lengths_spec(n)),
+            time.perf_counter() - start,
+        )
+        start = time.perf_counter()
+        lowered["reset"] = (
+            reset.lower(self.state, jax.ShapeDtypeStruct((), jnp.int32)),
+            time.perf_counter() - start,
+        )
+
+        def compile_one(key: Any) -> Any:
+            if stopping():  # a signal during start-up: stop compiling
+                return None
+            start = time.perf_counter()
+            program, lower_seconds = lowered[key]
+            compiled = program.compile()
+            self.compile_seconds[key] = lower_seconds + time.perf_counter() - start
+            return compiled
+
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="xla-compile") as pool:
+            compiled = dict(zip(lowered, pool.map(compile_one, lowered), strict=True))
+        if stopping():
+            return False
+        self._compiled = {b: compiled[b] for b in self.buckets}
+        self._full, self._reset = compiled["full"], compiled["reset"]
+        # The metric's "full" bucket counts the full tick and the reset together.
+        self.compile_seconds["full"] = self.compile_seconds.get("full", 0.0) + (
+            self.compile_seconds.pop("reset", 0.0)
+        )
+        return True
+
+    def warm_up(self) -> dict[int, float]:
+        """Runs every compiled program twice; returns the second run's
+        seconds per bucket (the scheduler's first tick-time estimates).
+        First executions allocate the runtime's buffers and took up to
+        100 ms, which the first streams after start-up paid as latency.
+
+        The state may change: partial ticks here use only the padding slot
+        (gather fills zeros, scatter is dropped), but the full tick steps
+        every row. That is harmless because no stream is active yet and every
+        new stream resets its slot before its first step.
+        """
+        spec = self.model.input_spec
+        full = np.arange(self.config.max_streams, dtype=np.int32)
+        padding = [np.full((b,), self.padding_slot, np.int32) for b in self.buckets]
+        seconds: dict[int, float] = {}
+        for slots in [*padding, full]:
+            b = slots.shape[0]
+            x = np.zeros((b, self.chunk_frames, *spec.shape), spec.dtype)
+            lengths = np.zeros((b,), np.int32)
+            self.run_tick(slots, x, lengths)
+            start = time.perf_counter()
+            self.run_tick(slots, x, lengths)
+            seconds[b] = time.perf_counter() - start
+        self.reset_slots([0])
+        jax.block_until_ready(self.state)
+        return seconds
+
+    # Ticks (tick thread) -------------------------------------------------------------
+
+    def staging(self, bucket: int) -> Staging:
+        """Host arrays for one tick's inputs: reused once `recycle`d, because
+        until the device call has finished the runtime may still read them
+        (in place, on CPU)."""
+        free = self._free_staging.setdefault(bucket, [])
+        if free:
+            return free.pop()
+        spec = self.model.input_spec
+        return Staging(
+            x=aligned_zeros((bucket, self.chunk_frames, *spec.shape), spec.dtype),
+            slots=np.full((bucket,), self.padding_slot, np.int32),
+            taken=np.zeros((bucket,), np.int32),
+            padding_slot=self.padding_slot,
+        )
+
+    def recycle(self, staged: Staging) -> None:
+        """A delivered tick's inputs may be overwritten. Not so with slots
+        sharded over several devices: each device runs its own program and
+        may still read its (aliased, on CPU) slice of the inputs after the
+        outputs are complete; reusing the buffers corrupted 1 run in 8 of
+        tests/server/sharded_check.py. Those ticks stage into fresh buffers."""
+        if not self.sharded:
+            self._free_staging.setdefault(staged.x.shape[0], []).append(staged)
+
+    def reset_slots(self, slots: list[int]) -> None:
+        """Puts new streams' slots back to the initial state."""
+        for slot in slots:
+            self.state = self._reset(self.state, np.int32(slot))
+
+    def dispatch(self, slot_ids: np.ndarray, x: np.ndarray, lengths: np.ndarray) -> Any:
+        """Starts one device call and returns its (not yet ready) outputs.
+        `slot_ids` are sorted and padded to a bucket with an out-of-range
+        slot. The new state is chained on the device, so a later tick may be
+        dispatched before this one's outputs are fetched."""
+        n = self.config.max_streams
+        if len(slot_ids) == n and slot_ids[0] == 0 and slot_ids[-1] == n - 1:
+            self.state, y, y_mask = self._full(self._var_leaves, self.state, x, lengths)
+        else:
+            compiled = self._compiled[slot_ids.shape[0]]
+            self.state, y, y_mask = compiled(self._var_leaves, self.state, slot_ids, x, lengths)
+        return y, y_mask
+
+    def fetch(self, outputs: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Waits for a dispatched tick; its outputs on the host."""
+        y, y_mask = outputs
+        return np.asarray(y), np.asarray(y_mask)
+
+    def run_tick(
+        self, slot_ids: np.ndarray, x: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One device call, waited for; returns host outputs. For benchmarks."""
+        return self.fetch(self.dispatch(slot_ids, x, lengths))
+
+    def state_lost(self) -> bool:
+        """After a failed call: whether the donated state went with it."""
+        return any(leaf.is_deleted() for leaf in self.state)
+
+    def reset_state(self) -> None:
+        """Every slot back to the initial state (after the state was lost)."""
+        self.state = self._make_state()
+
+
+def parse_device(spec: str) -> jax.Device:
+    """`"cpu:0"`, `"gpu:1"` (or `"cuda:1"`) -> a local device."""
+    platform, _, index = spec.partition(":")
+    platform = {"cuda": "gpu"}.get(platform, platform)
+    try:
+        devices = jax.local_devices(backend=platform)
+        return devices[int(index or 0)]
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ValueError(
+            f"device {spec!r} is not available here; local devices: {jax.local_devices()}."
+        ) from e
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """`np.zeros`, with the data aligned so the CPU runtime need not copy it."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(nbytes + _XLA_ALIGN, np.uint8)
+    start = -raw.ctypes.data % _XLA_ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _batch_axis(one: jax.ShapeDtypeStruct, two: jax.ShapeDtypeStruct) -> int:
+    for axis, (a, b) in enumerate(itertools.zip_longest(one.shape, two.shape)):
+        if a != b:
+            return axis
+    raise ValueError(
+        f"a state leaf of shape {one.shape} does not grow with batch size; the model's state "
+        f"is not batch-major, so streams cannot share a tick."
+    )

@@ -1,0 +1,293 @@
+"""`Engine`: serves one model. Owns its `Scheduler` (the slot table), its
+`Device` (compiled programs and state) and the tick thread between them.
+
+The tick loop stages, dispatches and delivers with one tick of look-ahead:
+while tick N runs on the device, the host stages and dispatches N+1 (when
+the scheduler says its chunks are a backlog) and only then fetches and
+routes N's outputs. So a backlog keeps the device busy while the host does
+its part, and each stream has up to two chunks in flight, delivered in order.
+
+Threading: one lock (`_cond`) serializes every call into the scheduler:
+the doors' loops (through `StreamHandle`: push, end, cancel) and the tick
+thread (schedule, update_from_output). Device calls run outside it, and so
+do the clients' reads (counted on the stream without the lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from server.errors import ResourceExhausted, StreamError, Unavailable
+from server.model import ModelInfo, ServableModel
+from server.runtime import router
+from server.runtime.config import SchedulerConfig
+from server.runtime.device import Device
+from server.runtime.scheduler import Delivery, Scheduler, Staging, Tick
+from server.runtime.stream import Stream, StreamHandle
+from server.stats import SchedulerStats, TickStats
+
+# Longest the tick thread sleeps without a reason to wake (timeouts are
+# checked on every wake-up anyway).
+_MAX_WAIT_S = 1.0
+# Shortest: a wait of ~0 would spin.
+_MIN_WAIT_S = 0.0005
+
+
+class DeviceRunner(Protocol):
+    """What the engine needs of a device (`Device`, or a fake in tests)."""
+
+    compile_seconds: dict[Any, float]
+
+    def build(self) -> None: ...
+    def compile(self, stopping: Callable[[], bool]) -> bool: ...
+    def warm_up(self) -> dict[int, float]: ...
+    def staging(self, bucket: int) -> Staging: ...
+    def recycle(self, staged: Staging) -> None: ...
+    def reset_slots(self, slots: list[int]) -> None: ...
+    def dispatch(self, slot_ids: np.ndarray, x: np.ndarray, lengths: np.ndarray) -> Any: ...
+    def fetch(self, outputs: Any) -> tuple[np.ndarray, np.ndarray]: ...
+    def state_lost(self) -> bool: ...
+    def reset_state(self) -> None: ...
+
+
+class Engine:
+    """One model's scheduler, device and tick thread. `start()` compiles and
+    starts ticking; `open_stream` admits streams."""
+
+    def __init__(
+        self,
+        model: ServableModel,
+        config: SchedulerConfig | None = None,
+        stats_sink: Callable[[Any], None] | None = None,
+        device: DeviceRunner | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config = config or SchedulerConfig()
+        self.chunk_frames = config.chunk_blocks * model.block_size
+        if (self.chunk_frames * model.output_ratio).denominator != 1:
+            raise ValueError(f"chunk of {self.chunk_frames} frames gives a fractional output.")
+        self.info: ModelInfo = model.info(config.max_streams)
+        self._record = stats_sink or (lambda _: None)
+        self.device: DeviceRunner = device or Device(model, config, self.chunk_frames)
+        self.scheduler = Scheduler(
+            model.name,
+            config,
+            chunk_frames=self.chunk_frames,
+            input_latency=self.info.input_latency,
+            output_latency=self.info.output_latency,
+            record=self._record,
+        )
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._last_ready = 0.0
+        self.ready = False
+
+    # Lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Allocates device state, compiles every bucket, starts the tick thread."""
+        self.device.build()
+        if not self.device.compile(lambda: self._stopping):
+            return  # stopped while compiling: never start ticking
+        for bucket, seconds in self.device.warm_up().items():
+            self.scheduler.tick_times.observe(bucket, seconds)
+        # What exists now (JAX, Flax, the compiled programs: hundreds of
+        # thousands of objects) lives as long as the process. Freezing it
+        # keeps the collector's full passes from walking it: unfrozen, they
+        # stalled ticks for 50 ms.
+        gc.freeze()
+        self._thread = threading.Thread(
+            target=self._run, name=f"tick-{self.model.name}", daemon=True
+        )
+        self._thread.start()
+        with self._cond:
+            self.scheduler.accepting = not self._stopping
+        self.ready = not self._stopping
+
+    def stop(self) -> None:
+        """Ends every stream with UNAVAILABLE and stops the tick thread."""
+        with self._cond:
+            self._stopping = True
+            self.scheduler.draining = True
+            self._route(self.scheduler.fail_all(Unavailable("the server is shutting down.")))
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def draining(self) -> bool:
+        return self.scheduler.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        with self._cond:
+            self.scheduler.draining = value
+
+    @property
+    def compile_seconds(self) -> dict[Any, float]:
+        return self.device.compile_seconds
+
+    @property
+    def active_streams(self) -> int:
+        return self.scheduler.active_streams
+
+    @property
+    def look_ahead_ticks(self) -> int:
+        return self.scheduler.look_ahead_ticks
+
+    def snapshot(self) -> SchedulerStats:
+        with self._cond:
+            return self.scheduler.snapshot(time.monotonic())
+
+    # Streams (the doors' event loops) ------------------------------------------------
+
+    def open_stream(
+        self, loop: asyncio.AbstractEventLoop | None = None, stream_id: str | None = None
+    ) -> StreamHandle:
+        """Admits a stream or refuses at once (draining, compiling, full, at capacity)."""
+        loop = loop or asyncio.get_running_loop()
+        with self._cond:
+            stream = self.scheduler.add(stream_id or uuid.uuid4().hex, time.monotonic())
+            handle = StreamHandle(self, stream, self.info, loop, self.config.max_chunk_frames)
+            stream.mailbox = handle.mailbox
+            self._cond.notify()  # one more stream that may join a tick
+            return handle
+
+    def push(self, stream: Stream, x: np.ndarray) -> None:
+        with self._cond:
+            # Only a stream becoming ready can start a tick: other sends need
+            # not wake the tick thread (hundreds of sends a second at load).
+            if self.scheduler.push(stream, x, time.monotonic()):
+                self._cond.notify()
+
+    def end(self, stream: Stream) -> None:
+        with self._cond:
+            self._route(self.scheduler.end(stream, time.monotonic()))
+            self._cond.notify()
+
+    def cancel(self, stream: Stream, error: StreamError | None, outcome: str) -> None:
+        with self._cond:
+            self._route(self.scheduler.cancel(stream, error, outcome))
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """Something changed that the tick thread should look at."""
+        with self._cond:
+            self._cond.notify()
+
+    def _route(self, deliveries: list[Delivery]) -> None:
+        """Under the lock, so a stream's items keep their order."""
+        if deliveries:
+            router.route((s.mailbox, item) for s, item in deliveries if s.mailbox is not None)
+
+    # The tick loop ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        pending: Tick | None = None
+        while True:
+            tick = None
+            with self._cond:
+                while not self._stopping:
+                    start = time.perf_counter()
+                    out = self.scheduler.schedule(
+                        time.monotonic(), pending is not None, self.device.staging
+                    )
+                    self._route(out.deliveries)
+                    if out.tick is not None:
+                        tick = out.tick
+                        tick.host_seconds = time.perf_counter() - start
+                        break
+                    if pending is not None:
+                        break  # deliver the tick in flight; never block on it
+                    self._cond.wait(min(max(out.wait_s, _MIN_WAIT_S), _MAX_WAIT_S))
+                stopping = self._stopping
+            if tick is not None:
+                self._dispatch(tick, device_idle=pending is None)
+            if pending is not None:
+                self._complete(pending)
+            pending = tick
+            if stopping and pending is None:
+                return
+
+    def _dispatch(self, tick: Tick, device_idle: bool) -> None:
+        start = time.perf_counter()
+        if device_idle:
+            # This thread was most likely just woken by a stream's send, and
+            # often shares a core with the waking thread, which is still on
+            # its way to sleep. Launching at once puts the launch, that thread
+            # and XLA's compute threads on too few cores: on 2 cores the
+            # launch took 2.5 ms at p90 instead of 1.3. One yield first lets
+            # the waker get off the core.
+            _sched_yield()
+        try:
+            self.device.reset_slots(tick.new_slots)
+            staged = tick.staged
+            tick.outputs = self.device.dispatch(staged.slots, staged.x, staged.taken)
+        except Exception as e:  # a device failure ends these streams, not the server
+            tick.error = e
+            self._recover_state(e)
+        tick.dispatched = time.perf_counter()
+        tick.dispatch_seconds = tick.dispatched - start
+
+    def _recover_state(self, error: Exception) -> None:
+        """After a failed device call: if the donated state is gone, every
+        stream's state is lost. Those streams end with the error, and the
+        slots start over from a fresh state so the server keeps serving."""
+        if not self.device.state_lost():
+            return
+        self.device.reset_state()
+        lost = ResourceExhausted(f"device step failed; stream state lost: {error}")
+        with self._cond:
+            self._route(self.scheduler.fail_all(lost))
+
+    def _complete(self, tick: Tick) -> None:
+        """Waits for a dispatched tick's outputs and routes them to streams."""
+        try:
+            if tick.error is not None:
+                raise tick.error
+            y, y_mask = self.device.fetch(tick.outputs)
+            self.device.recycle(tick.staged)
+        except Exception as e:
+            with self._cond:
+                self._route(self.scheduler.fail_tick(tick, e))
+            return
+        ready = time.perf_counter()
+        # Device time: from when the device could start it (dispatched, and
+        # the tick before it done) until its outputs were on the host.
+        device_seconds = ready - max(tick.dispatched, self._last_ready)
+        idle_seconds = max(tick.dispatched - self._last_ready, 0.0) if self._last_ready else 0.0
+        self._last_ready = ready
+        with self._cond:
+            deliveries, frames = self.scheduler.update_from_output(
+                tick, y, y_mask, time.monotonic(), device_seconds
+            )
+            self._route(deliveries)
+        tick.host_seconds += time.perf_counter() - ready
+        self._record(
+            TickStats(
+                self.model.name,
+                batch_size=len(tick.streams),
+                bucket=tick.bucket,
+                started_at=tick.started_at,
+                tick_seconds=device_seconds,
+                host_seconds=tick.host_seconds,
+                dispatch_seconds=tick.dispatch_seconds,
+                queue_wait_seconds=tick.waits,
+                input_frames=tick.input_frames,
+                output_frames=frames,
+                device_idle_seconds=idle_seconds,
+            )
+        )
+
+
+_sched_yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)  # POSIX only

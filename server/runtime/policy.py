@@ -1,0 +1,220 @@
+"""The scheduler's rules, as pure functions of numbers: which tick to run and
+when, who timed out, whom to admit. No jax, no threads, no clock: callers
+pass `now` (time.monotonic() seconds), so every rule is tested with made-up
+times (tests/server/test_policy.py).
+
+Batching spends a latency budget instead of a fixed delay. A ready chunk
+may wait for company until `budget - expected tick time` after it became
+ready, but only while a stream is *expected* to join: each stream's chunks
+come about periodically, so the next one is predicted from the last. With
+nobody expected, it waits at most `max_batch_delay_ms` (a lone stream is
+not held back for nothing). While a tick is on the device, partial batches
+wait for it to finish, so under load ticks grow by themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+from server.errors import ResourceExhausted, StreamError, Unavailable
+
+# Exponential averages: weight of the newest measurement.
+_PERIOD_WEIGHT = 0.25
+_TICK_WEIGHT = 0.2
+# A stream idle longer than this between chunks has no useful period.
+_MAX_PERIOD_S = 2.0
+
+# Admission: refuse new streams while at least this share of real-time
+# chunks missed the budget (waited longer than it allows, less the tick's
+# expected time), over at least this many chunks (fewer say nothing: a burst
+# at start-up is not an overload).
+LATE_SHARE = 0.25
+MIN_CHUNKS = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class TickPlan:
+    """Start a tick now (`go`), or reconsider in `wait_s` seconds at the latest
+    (a stream becoming ready wakes the engine sooner)."""
+
+    go: bool
+    wait_s: float = math.inf
+
+
+GO = TickPlan(True, 0.0)
+
+
+def plan_tick(
+    now: float,
+    *,
+    oldest_ready: float | None,
+    joinable: int,
+    expected: Iterable[float],
+    device_busy: bool,
+    delay_s: float,
+    budget_s: float,
+    tick_estimate_s: float,
+) -> TickPlan:
+    """Whether the ready streams should tick now.
+
+    - `oldest_ready`: when the longest-waiting ready chunk became ready
+      (None: nothing is ready).
+    - `joinable`: open streams that could still join this tick (waiting on
+      their client; not those blocked by backpressure).
+    - `expected`: when each joinable stream's next chunk is predicted.
+    - `device_busy`: a tick is on the device.
+    - `tick_estimate_s`: expected device time of a tick of the ready streams.
+    """
+    if oldest_ready is None:
+        return TickPlan(False)
+    if joinable == 0:
+        # Nobody else can join: waiting gains nothing. With a tick on the
+        # device this is a backlog, and dispatching now keeps it busy.
+        return GO
+    if device_busy:
+        # The tick in flight ends soon and wakes the engine; meanwhile more
+        # streams become ready, so ticks grow with load.
+        return TickPlan(False)
+    start_by = oldest_ready + max(delay_s, budget_s - tick_estimate_s)
+    if now >= start_by:
+        return GO
+    # A prediction is given `delay_s` of slack: arrivals jitter.
+    coming = [eta for eta in expected if now < eta + delay_s and eta <= start_by]
+    if coming:
+        return TickPlan(False, min(min(coming) + delay_s, start_by) - now)
+    go_at = min(oldest_ready + delay_s, start_by)
+    if now >= go_at:
+        return GO
+    return TickPlan(False, go_at - now)
+
+
+def bucket_for(n: int, buckets: list[int], max_streams: int) -> int:
+    """The compiled batch size a tick of `n` streams runs at: `n` itself when
+    every slot is in it (the full tick), else the smallest bucket >= n."""
+    if n == max_streams:
+        return n
+    return next(b for b in buckets if b >= n)
+
+
+def next_period(period: float | None, interval: float) -> float | None:
+    """A stream's chunk period after one more interval between its chunks."""
+    if interval > _MAX_PERIOD_S:
+        return None
+    if period is None:
+        return interval
+    return period + _PERIOD_WEIGHT * (interval - period)
+
+
+class TickTimes:
+    """Expected device seconds of a tick per bucket: an exponential average
+    of the measured ticks (warm-up runs seed it)."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[int, float] = {}
+
+    def observe(self, bucket: int, seconds: float) -> None:
+        old = self._seconds.get(bucket)
+        self._seconds[bucket] = seconds if old is None else old + _TICK_WEIGHT * (seconds - old)
+
+    def estimate(self, bucket: int) -> float:
+        """The bucket's average; unmeasured, the nearest smaller one's (0: none)."""
+        if bucket in self._seconds:
+            return self._seconds[bucket]
+        smaller = [b for b in self._seconds if b < bucket]
+        return self._seconds[max(smaller)] if smaller else 0.0
+
+    def as_dict(self) -> dict[int, float]:
+        return dict(self._seconds)
+
+
+class LateMeter:
+    """Real-time chunks that missed the latency budget, counted over the last
+    one to two windows of `window_s` (two counters, rotated)."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self._start = -math.inf
+        self._current = [0, 0]  # late, total
+        self._previous = [0, 0]
+
+    def _rotate(self, now: float) -> None:
+        if now - self._start < self.window_s:
+            return
+        stale = now - self._start >= 2 * self.window_s
+        self._previous = [0, 0] if stale else self._current
+        self._current = [0, 0]
+        self._start = now
+
+    def observe(self, now: float, late: int, total: int) -> None:
+        self._rotate(now)
+        self._current[0] += late
+        self._current[1] += total
+
+    def counts(self, now: float) -> tuple[int, int]:
+        """(late, total) over the recent windows."""
+        self._rotate(now)
+        return (self._current[0] + self._previous[0], self._current[1] + self._previous[1])
+
+    def reset(self) -> None:
+        self._start, self._current, self._previous = -math.inf, [0, 0], [0, 0]
+
+
+def overloaded(late: int, total: int) -> bool:
+    """Too many real-time chunks miss the budget: the model is at capacity."""
+    return total >= MIN_CHUNKS and late >= LATE_SHARE * total
+
+
+def admission_error(
+    name: str,
+    *,
+    accepting: bool,
+    draining: bool,
+    open_streams: int,
+    max_streams: int,
+    late: int,
+    total: int,
+    budget_ms: float,
+) -> StreamError | None:
+    """Why a new stream is refused now, or None to admit it."""
+    if draining:
+        return Unavailable("the server is draining; reconnect to another replica.")
+    if not accepting:
+        return Unavailable(f"model {name!r} is still compiling; retry when /readyz is 200.")
+    if open_streams >= max_streams:
+        return ResourceExhausted(
+            f"model {name!r} is serving its maximum of {max_streams} streams; retry later or "
+            "use another replica."
+        )
+    if overloaded(late, total):
+        return ResourceExhausted(
+            f"model {name!r} is at capacity: {late} of its last {total} chunks missed its "
+            f"{budget_ms:g} ms latency budget; retry later or use another replica."
+        )
+    return None
+
+
+def timeout_of(
+    now: float,
+    *,
+    ending: bool,
+    in_flight: int,
+    backlog: int,
+    last_input: float,
+    last_read: float,
+    max_backlog: int,
+    idle_timeout_s: float,
+    slow_consumer_timeout_s: float,
+) -> tuple[str | None, float]:
+    """`("idle" | "slow_consumer", 0.0)` for a stream that timed out, else
+    `(None, seconds until it may)` (inf: it cannot now)."""
+    if in_flight:
+        return None, math.inf  # the device holds its chunk: not idle
+    if backlog >= max_backlog:
+        left = last_read + slow_consumer_timeout_s - now
+        return ("slow_consumer", 0.0) if left <= 0 else (None, left)
+    if ending:
+        return None, math.inf  # flushing: ticks will come
+    left = last_input + idle_timeout_s - now
+    return ("idle", 0.0) if left <= 0 else (None, left)

@@ -1,0 +1,374 @@
+"""The `Scheduler`: one model's slot table behind a small interface.
+
+    add(stream_id)            admit a stream into a free slot, or refuse it
+    push / end / cancel       a stream's input and lifecycle
+    schedule(now, ...)        the next tick's streams, staged; or how long to wait
+    update_from_output(...)   route a tick's outputs to its streams
+    snapshot()                a `SchedulerStats`
+
+It is plain single-threaded code: no jax, no locks, no clock (callers pass
+`now`). The engine calls it under its lock from the tick thread and the
+doors' loops; tests drive it directly with a fake device. The rules it
+applies (when to tick, who timed out, whom to admit) are in `policy`.
+
+Methods that end streams return deliveries: `(stream, item)` pairs the
+engine routes to each stream's event loop, in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from server.errors import DeadlineExceeded, ResourceExhausted, StreamError
+from server.runtime import policy
+from server.runtime.config import SchedulerConfig
+from server.runtime.stream import CANCELLED, Phase, Stream
+from server.stats import SchedulerStats, StreamStats
+
+Delivery = tuple[Stream, Any]
+
+# Longest a stream may outlive its idle or slow-consumer timeout: timeouts
+# are seconds long, and the check walks every stream.
+_EXPIRE_INTERVAL_S = 0.05
+
+
+@dataclasses.dataclass
+class Staging:
+    """Host input arrays of one tick, padded to its bucket."""
+
+    x: np.ndarray  # [bucket, chunk, *input_shape]
+    slots: np.ndarray  # [bucket] slot ids; padding rows hold an out-of-range id
+    taken: np.ndarray  # [bucket] valid frames per row: a prefix of each
+    # A slot id no stream has (past the device's rows): its gather reads
+    # zeros and its scatter is dropped.
+    padding_slot: int
+
+
+@dataclasses.dataclass
+class Tick:
+    """One tick from staging to delivery."""
+
+    streams: list[Stream]
+    bucket: int
+    staged: Staging
+    # Slots of streams stepped for the first time: reset to the initial state.
+    new_slots: list[int]
+    started_at: float
+    waits: tuple[float, ...]
+    input_frames: int  # valid input frames staged
+    # Set by the engine on its way through the device.
+    host_seconds: float = 0.0
+    dispatch_seconds: float = 0.0
+    dispatched: float = 0.0
+    outputs: Any = None
+    error: Exception | None = None
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    """What `schedule` decided: a staged tick, or none and how long to wait."""
+
+    tick: Tick | None
+    wait_s: float
+    deliveries: list[Delivery]
+
+
+class Scheduler:
+    """The slot table of one model; see the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        config: SchedulerConfig,
+        *,
+        chunk_frames: int,
+        input_latency: int,
+        output_latency: int,
+        record: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.chunk_frames = chunk_frames
+        self.input_latency = input_latency
+        self.output_latency = output_latency
+        self.buckets = config.tick_buckets()
+        self._record = record or (lambda _: None)
+        self._streams: dict[int, Stream] = {}
+        self._free_slots = list(range(config.max_streams - 1, -1, -1))
+        # Set by the engine: the programs are compiled / the server drains.
+        self.accepting = False
+        self.draining = False
+        self.ticks = 0
+        self.look_ahead_ticks = 0
+        self.tick_times = policy.TickTimes()
+        self.late = policy.LateMeter()
+        self._next_expiry = 0.0
+        self._delay_s = config.max_batch_delay_ms / 1000.0
+        self._budget_s = config.latency_budget_ms / 1000.0
+
+    # Streams ---------------------------------------------------------------------
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def streams(self) -> list[Stream]:
+        return list(self._streams.values())
+
+    def add(self, stream_id: str, now: float) -> Stream:
+        """Admits a stream into a free slot, or raises the `StreamError` that
+        says why not (draining, compiling, full, over capacity)."""
+        late, total = self.late.counts(now)
+        error = policy.admission_error(
+            self.name,
+            accepting=self.accepting,
+            draining=self.draining,
+            open_streams=len(self._streams),
+            max_streams=self.config.max_streams,
+            late=late,
+            total=total,
+            budget_ms=self.config.latency_budget_ms,
+        )
+        if error is not None:
+            self._record(StreamStats(self.name, "rejected"))
+            raise error
+        slot = self._free_slots.pop()
+        stream = Stream(
+            slot,
+            stream_id,
+            self.chunk_frames,
+            self.output_latency,
+            self.config.max_output_backlog,
+            now,
+        )
+        self._streams[slot] = stream
+        return stream
+
+    def push(self, stream: Stream, x: np.ndarray, now: float) -> bool:
+        """Buffers a stream's validated input; True if a chunk became ready
+        (only then can a tick start sooner: wake the tick loop)."""
+        return stream.push(x, now, self.config.max_buffered_frames)
+
+    def end(self, stream: Stream, now: float) -> list[Delivery]:
+        """The client's end of input; a stream with nothing left ends at once."""
+        out: list[Delivery] = []
+        if stream.end(now, self.input_latency):
+            self._finish(stream, stream.ended(), "ok", out)
+        return out
+
+    def cancel(self, stream: Stream, error: StreamError | None, outcome: str) -> list[Delivery]:
+        """Ends a stream now: with `error` (raised by its `outputs()`), or
+        quietly (None: the client left). Frees its slot at once."""
+        out: list[Delivery] = []
+        if stream.phase is not Phase.DONE:
+            self._finish(stream, CANCELLED if error is None else error, outcome, out)
+        return out
+
+    # Ticks -----------------------------------------------------------------------
+
+    def schedule(
+        self, now: float, device_busy: bool, staging: Callable[[int], Staging]
+    ) -> SchedulerOutput:
+        """Ends timed-out streams, then decides on the next tick: its streams
+        with one chunk each staged into `staging(bucket)`, or how long to wait
+        (a stream becoming ready should wake the caller sooner)."""
+        deliveries: list[Delivery] = []
+        wait_s = self._expire(now, deliveries)
+        ready: list[Stream] = []
+        joinable = 0
+        expected: list[float] = []
+        for s in self._streams.values():
+            if s.ready_since is not None:
+                ready.append(s)
+            elif s.blocked:
+                # Its client may have read since (see `Stream.mark_read`).
+                if s.update_ready(now):
+                    ready.append(s)
+            elif s.waiting_for_input:
+                joinable += 1
+                eta = s.expected_at
+                if eta is not None:
+                    expected.append(eta)
+        oldest = min(s.ready_since for s in ready) if ready else None  # type: ignore[type-var]
+        bucket = self._bucket(len(ready)) if ready else 0
+        plan = policy.plan_tick(
+            now,
+            oldest_ready=oldest,
+            joinable=joinable,
+            expected=expected,
+            device_busy=device_busy,
+            delay_s=self._delay_s,
+            budget_s=self._budget_s,
+            tick_estimate_s=self.tick_times.estimate(bucket) if ready else 0.0,
+        )
+        if not plan.go:
+            return SchedulerOutput(None, min(wait_s, plan.wait_s), deliveries)
+        tick = self._stage(ready, bucket, now, staging)
+        self.look_ahead_ticks += device_busy
+        return SchedulerOutput(tick, 0.0, deliveries)
+
+    def _bucket(self, n: int) -> int:
+        return policy.bucket_for(n, self.buckets, self.config.max_streams)
+
+    def _stage(
+        self, batch: list[Stream], bucket: int, now: float, staging: Callable[[int], Staging]
+    ) -> Tick:
+        """Takes one chunk from each stream into the staging arrays."""
+        waits = tuple(now - s.ready_since for s in batch)  # type: ignore[operator]
+        # Real-time chunks whose outputs will come later than the budget
+        # allows (their wait and the tick's expected time): the overload signal.
+        realtime = [w for s, w in zip(batch, waits, strict=True) if s.ready_by_input]
+        if realtime:
+            allowed = self._budget_s - self.tick_times.estimate(bucket)
+            self.late.observe(now, sum(w > allowed for w in realtime), len(realtime))
+        # Slot order lets a full-occupancy tick step rows in place.
+        batch.sort(key=_slot_of)
+        n = len(batch)
+        staged = staging(bucket)
+        x, slots, taken = staged.x, staged.slots, staged.taken
+        new_slots = []
+        for i, stream in enumerate(batch):
+            if stream.needs_reset:
+                new_slots.append(stream.slot)
+            taken[i] = stream.take_chunk(x[i], now)
+            slots[i] = stream.slot
+        if n < bucket:  # padding rows: no stream, all invalid zeros
+            x[n:] = 0
+            taken[n:] = 0
+            slots[n:] = staged.padding_slot
+        return Tick(batch, bucket, staged, new_slots, now, waits, int(taken[:n].sum()))
+
+    def update_from_output(
+        self,
+        tick: Tick,
+        y: np.ndarray,
+        y_mask: np.ndarray,
+        now: float,
+        device_seconds: float,
+    ) -> tuple[list[Delivery], int]:
+        """Gives each stream of `tick` its outputs `y [bucket, out_chunk, *c]`;
+        returns the deliveries and the valid output frames among them."""
+        self.tick_times.observe(tick.bucket, device_seconds)
+        # Rows with an invalid frame need a boolean gather; the rest do not.
+        gather = (~y_mask.all(axis=1)).tolist()
+        out: list[Delivery] = []
+        frames = 0
+        for i, stream in enumerate(tick.streams):
+            output, final = stream.take_outputs(y[i], y_mask[i] if gather[i] else None, now)
+            if output is not None:
+                self._emit(stream, output, out)
+                frames += output.frames.shape[0]
+            if final:
+                self._finish(stream, stream.ended(), "ok", out)
+            else:
+                stream.update_ready(now)
+        self.ticks += 1
+        return out, frames
+
+    def fail_tick(self, tick: Tick, error: Exception) -> list[Delivery]:
+        """A tick's device call failed: its streams end with the error."""
+        out: list[Delivery] = []
+        for stream in tick.streams:
+            stream.in_flight.popleft()  # this tick's chunk only: a later one may hold the next
+            if stream.phase is not Phase.DONE:
+                failure = ResourceExhausted(f"device step failed: {error}")
+                self._finish(stream, failure, "error", out)
+        return out
+
+    def fail_all(self, error: StreamError) -> list[Delivery]:
+        """Ends every stream with `error` (stopping, or the device state lost)."""
+        out: list[Delivery] = []
+        for stream in list(self._streams.values()):
+            self._finish(stream, error, "error", out)
+        return out
+
+    def snapshot(self, now: float) -> SchedulerStats:
+        late, total = self.late.counts(now)
+        return SchedulerStats(
+            model=self.name,
+            active_streams=len(self._streams),
+            slots=self.config.max_streams,
+            ready_streams=sum(s.ready_since is not None for s in self._streams.values()),
+            ticks=self.ticks,
+            look_ahead_ticks=self.look_ahead_ticks,
+            recent_chunks=total,
+            late_chunks=late,
+            overloaded=policy.overloaded(late, total),
+            tick_estimates=self.tick_times.as_dict(),
+        )
+
+    # Internals -------------------------------------------------------------------
+
+    def _emit(self, stream: Stream, item: Any, out: list[Delivery]) -> None:
+        stream.items_queued += 1
+        out.append((stream, item))
+
+    def _finish(self, stream: Stream, item: Any, outcome: str, out: list[Delivery]) -> None:
+        """Ends a stream with its last item and frees its slot."""
+        stream.finish(outcome)
+        self._emit(stream, item, out)
+        if self._streams.get(stream.slot) is not stream:
+            return
+        del self._streams[stream.slot]
+        self._free_slots.append(stream.slot)
+        if not self._streams:
+            self.late.reset()  # no load left: what was late says nothing now
+        first = stream.first_output_at
+        self._record(
+            StreamStats(
+                self.name,
+                outcome,
+                frames_in=stream.frames_in,
+                frames_out=stream.frames_out,
+                first_output_seconds=None if first is None else first - stream.opened_at,
+            )
+        )
+
+    def _expire(self, now: float, out: list[Delivery]) -> float:
+        """Ends idle and stuck streams; returns seconds until the next may
+        expire. Walks the streams at most every `_EXPIRE_INTERVAL_S`."""
+        if now < self._next_expiry:
+            return self._next_expiry - now
+        cfg = self.config
+        next_check = 1.0
+        for stream in list(self._streams.values()):
+            kind, left = policy.timeout_of(
+                now,
+                ending=stream.phase is Phase.ENDING,
+                in_flight=len(stream.in_flight),
+                backlog=stream.backlog,
+                last_input=stream.last_input,
+                last_read=stream.last_read,
+                max_backlog=cfg.max_output_backlog,
+                idle_timeout_s=cfg.idle_timeout_s,
+                slow_consumer_timeout_s=cfg.slow_consumer_timeout_s,
+            )
+            if kind == "idle":
+                error: StreamError = DeadlineExceeded(
+                    f"no input for {cfg.idle_timeout_s:g} s (idle timeout); stream ended. Send "
+                    "chunks more often or end the stream."
+                )
+                self._finish(stream, error, "timeout", out)
+            elif kind == "slow_consumer":
+                error = ResourceExhausted(
+                    f"the client did not read its outputs for {cfg.slow_consumer_timeout_s:g} s; "
+                    "stream ended."
+                )
+                self._finish(stream, error, "error", out)
+            else:
+                next_check = min(next_check, left)
+        self._next_expiry = now + min(next_check, _EXPIRE_INTERVAL_S)
+        return max(next_check, 0.0) if math.isfinite(next_check) else 1.0
+
+
+_slot_of = operator.attrgetter("slot")

@@ -1,0 +1,120 @@
+"""A fake device and model for runtime tests without XLA.
+
+The model is a delay line of `latency` frames: its step outputs each frame
+`latency` frames late, so its declared input and output latencies are both
+`latency` and `layer()` is the identity. A stream through the runtime must
+therefore get exactly its own input back: every frame, in order, with the
+latency flushed at the end and the first outputs dropped. The delay line's
+state is the last `latency` frames of the slot, so a state mixed up
+between slots, or not reset for a new stream, shows in the outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from server.model import ModelInfo
+from server.runtime.scheduler import Staging
+
+
+@dataclasses.dataclass
+class FakeModel:
+    """What an `Engine` reads of a model, for a delay line over [t, 1] floats."""
+
+    name: str = "fake"
+    latency: int = 0
+    block_size: int = 2
+    output_ratio: Fraction = Fraction(1)
+    parameter_count: int = 0
+
+    def info(self, max_streams: int = 0) -> ModelInfo:
+        return ModelInfo(
+            name=self.name,
+            description="delay line",
+            input_shape=(1,),
+            input_dtype="float32",
+            output_shape=(1,),
+            output_dtype="float32",
+            sample_rate=0,
+            block_size=self.block_size,
+            output_ratio=self.output_ratio,
+            input_latency=self.latency,
+            output_latency=self.latency,
+            max_streams=max_streams,
+        )
+
+
+class FakeDevice:
+    """A `DeviceRunner` stepping the delay line in numpy. Records each
+    dispatch's slots and every reset; `hold` (an Event) holds dispatches
+    until set, to keep ticks in flight."""
+
+    def __init__(self, rows: int, chunk: int, latency: int) -> None:
+        self.rows, self.chunk, self.latency = rows, chunk, latency
+        self.compile_seconds: dict[Any, float] = {"full": 0.0}
+        self.frames = np.zeros((rows, latency), np.float32)
+        self.valid = np.zeros((rows, latency), bool)
+        self.dispatched: list[list[int]] = []
+        self.resets: list[int] = []
+        self.hold: threading.Event | None = None
+        self.fail_next = False
+
+    def build(self) -> None:
+        pass
+
+    def compile(self, stopping: Any = None) -> bool:
+        return True
+
+    def warm_up(self) -> dict[int, float]:
+        return {}
+
+    def staging(self, bucket: int) -> Staging:
+        return Staging(
+            x=np.zeros((bucket, self.chunk, 1), np.float32),
+            slots=np.full((bucket,), self.rows, np.int32),
+            taken=np.zeros((bucket,), np.int32),
+            padding_slot=self.rows,
+        )
+
+    def recycle(self, staged: Staging) -> None:
+        pass
+
+    def reset_slots(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.frames[slot] = 0
+            self.valid[slot] = False
+            self.resets.append(slot)
+
+    def dispatch(self, slot_ids: np.ndarray, x: np.ndarray, lengths: np.ndarray) -> Any:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("device lost")
+        if self.hold is not None:
+            assert self.hold.wait(10)
+        self.dispatched.append([int(s) for s in slot_ids if s < self.rows])
+        bucket, chunk = x.shape[0], self.chunk
+        y = np.zeros((bucket, chunk, 1), np.float32)
+        y_mask = np.zeros((bucket, chunk), bool)
+        for i, slot in enumerate(slot_ids):
+            mask = np.arange(chunk) < lengths[i]
+            if slot >= self.rows:  # padding row: stepped on zeros, state untouched
+                continue
+            seq = np.concatenate([self.frames[slot], x[i, :, 0]])
+            seq_mask = np.concatenate([self.valid[slot], mask])
+            y[i, :, 0], y_mask[i] = seq[:chunk], seq_mask[:chunk]
+            self.frames[slot], self.valid[slot] = seq[chunk:], seq_mask[chunk:]
+        return y, y_mask
+
+    def fetch(self, outputs: Any) -> tuple[np.ndarray, np.ndarray]:
+        return outputs
+
+    def state_lost(self) -> bool:
+        return False
+
+    def reset_state(self) -> None:
+        self.reset_slots(list(range(self.rows)))

@@ -1,0 +1,213 @@
+"""The scheduler's rules as pure functions: made-up times, no threads, no jax."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from server.errors import ResourceExhausted, Unavailable
+from server.runtime import policy
+
+BUDGET, DELAY = 0.050, 0.005
+
+
+def plan(now: float, **kw: object) -> policy.TickPlan:
+    args: dict[str, object] = dict(
+        oldest_ready=0.0,
+        joinable=1,
+        expected=(),
+        device_busy=False,
+        delay_s=DELAY,
+        budget_s=BUDGET,
+        tick_estimate_s=0.010,
+    )
+    args.update(kw)
+    return policy.plan_tick(now, **args)  # type: ignore[arg-type]
+
+
+def test_nothing_ready_waits_for_an_event() -> None:
+    assert plan(1.0, oldest_ready=None) == policy.TickPlan(False, math.inf)
+
+
+def test_everyone_ready_goes_at_once_even_with_a_tick_in_flight() -> None:
+    assert plan(0.0, joinable=0).go
+    assert plan(0.0, joinable=0, device_busy=True).go  # a backlog: dispatch ahead
+
+
+def test_partial_batch_waits_for_the_device() -> None:
+    assert not plan(0.049, device_busy=True).go
+
+
+def test_nobody_expected_waits_only_the_short_delay() -> None:
+    p = plan(0.001)
+    assert not p.go and p.wait_s == pytest.approx(DELAY - 0.001)
+    assert plan(DELAY).go
+    # A stream whose chunk is long overdue is not waited for either.
+    assert plan(DELAY, expected=(-1.0,)).go
+
+
+def test_expected_company_is_waited_for_within_the_budget() -> None:
+    # Another stream's chunk is due at 20 ms: wait for it (plus the slack)...
+    p = plan(0.001, expected=(0.020,))
+    assert not p.go and p.wait_s == pytest.approx(0.020 + DELAY - 0.001)
+    # ...while it is late by less than the slack...
+    assert not plan(0.022, expected=(0.020,)).go
+    # ...but never past the budget less the tick's expected time.
+    assert plan(BUDGET - 0.010, expected=(0.030,)).go
+    p = plan(0.030, expected=(0.038,))
+    assert p.wait_s == pytest.approx(BUDGET - 0.010 - 0.030)
+    # A chunk due after that is not waited for: the delay rule applies.
+    assert plan(DELAY, expected=(0.045,)).go
+
+
+def test_a_slow_tick_leaves_the_short_delay() -> None:
+    # Ticks longer than the budget: waiting for company could only add the
+    # short delay, not make the budget.
+    p = plan(0.001, expected=(0.004,), tick_estimate_s=0.2)
+    assert not p.go and p.wait_s == pytest.approx(DELAY - 0.001)
+
+
+def simulate(streams: int, period: float, seconds: float = 4.0) -> tuple[float, float]:
+    """Streams with one chunk each `period` (random phases) against a device
+    that takes 2 ms + 0.1 ms a row; (mean tick size, longest wait to start)."""
+    rng = np.random.default_rng(0)
+    due = rng.uniform(0, period, streams)
+    ready_at: list[float | None] = [None] * streams
+    periods: list[float | None] = [None] * streams
+    last: list[float | None] = [None] * streams
+    times = policy.TickTimes()
+    free_at, now, step = 0.0, 0.0, 0.0002
+    sizes, waits = [], []
+    while now < seconds:
+        for i in range(streams):
+            if due[i] <= now:
+                ready_at[i] = due[i]
+                if last[i] is not None:
+                    periods[i] = policy.next_period(periods[i], due[i] - last[i])
+                last[i] = due[i]
+                due[i] += period
+        ready = [t for t in ready_at if t is not None]
+        expected = [
+            li + p
+            for li, p, r in zip(last, periods, ready_at, strict=True)
+            if r is None and li is not None and p is not None
+        ]
+        if ready:
+            decision = policy.plan_tick(
+                now,
+                oldest_ready=min(ready),
+                joinable=streams - len(ready),
+                expected=expected,
+                device_busy=now < free_at,
+                delay_s=DELAY,
+                budget_s=BUDGET,
+                tick_estimate_s=times.estimate(len(ready)),
+            )
+            if decision.go and now >= free_at:
+                cost = 0.002 + 0.0001 * len(ready)
+                times.observe(len(ready), cost)
+                free_at = now + cost
+                sizes.append(len(ready))
+                waits.extend(now - t for t in ready)
+                ready_at = [None] * streams
+        now += step
+    return float(np.mean(sizes)), max(waits)
+
+
+def test_ticks_grow_with_load_and_waits_stay_within_the_budget() -> None:
+    light, light_wait = simulate(streams=4, period=0.160)
+    heavy, heavy_wait = simulate(streams=200, period=0.160)
+    assert light < 3 and heavy > 30, (light, heavy)
+    assert light_wait <= BUDGET and heavy_wait <= BUDGET
+
+
+def test_bucket_for() -> None:
+    buckets = [1, 2, 4, 8, 16]
+    assert [policy.bucket_for(n, buckets, 12) for n in (1, 3, 5, 11, 12)] == [1, 4, 8, 16, 12]
+
+
+def test_period_follows_intervals_and_forgets_long_gaps() -> None:
+    p = policy.next_period(None, 0.16)
+    assert p == pytest.approx(0.16)
+    p = policy.next_period(p, 0.20)
+    assert p == pytest.approx(0.16 + 0.25 * 0.04)
+    assert policy.next_period(p, 10.0) is None
+
+
+def test_tick_times_fall_back_to_a_smaller_bucket() -> None:
+    times = policy.TickTimes()
+    assert times.estimate(8) == 0.0
+    times.observe(4, 0.010)
+    assert times.estimate(8) == pytest.approx(0.010)
+    times.observe(8, 0.020)
+    times.observe(8, 0.030)
+    assert times.estimate(8) == pytest.approx(0.020 + 0.2 * 0.010)
+    assert times.estimate(2) == 0.0
+
+
+def test_late_meter_counts_two_windows() -> None:
+    meter = policy.LateMeter(window_s=1.0)
+    meter.observe(0.0, 1, 4)
+    meter.observe(0.5, 1, 4)
+    assert meter.counts(0.9) == (2, 8)
+    meter.observe(1.2, 0, 4)  # a new window; the last one still counts
+    assert meter.counts(1.5) == (2, 12)
+    assert meter.counts(2.3) == (0, 4)  # the first window has gone
+    assert meter.counts(10.0) == (0, 0)  # long quiet: nothing left
+
+
+def test_overloaded_needs_enough_chunks_and_a_late_share() -> None:
+    assert not policy.overloaded(40, 40)  # too few to say
+    assert policy.overloaded(13, 50)
+    assert not policy.overloaded(12, 50)
+
+
+def admit(**kw: object) -> object:
+    args: dict[str, object] = dict(
+        accepting=True,
+        draining=False,
+        open_streams=1,
+        max_streams=4,
+        late=0,
+        total=0,
+        budget_ms=50,
+    )
+    args.update(kw)
+    return policy.admission_error("m", **args)  # type: ignore[arg-type]
+
+
+def test_admission() -> None:
+    assert admit() is None
+    assert isinstance(admit(draining=True, accepting=False), Unavailable)
+    assert "draining" in str(admit(draining=True))
+    assert "still compiling" in str(admit(accepting=False))
+    full = admit(open_streams=4)
+    assert isinstance(full, ResourceExhausted) and "maximum of 4 streams" in str(full)
+    busy = admit(late=30, total=100)
+    assert isinstance(busy, ResourceExhausted) and "at capacity" in str(busy)
+
+
+def timeout(now: float, **kw: object) -> tuple[str | None, float]:
+    args: dict[str, object] = dict(
+        ending=False,
+        in_flight=0,
+        backlog=0,
+        last_input=0.0,
+        last_read=0.0,
+        max_backlog=4,
+        idle_timeout_s=30.0,
+        slow_consumer_timeout_s=10.0,
+    )
+    args.update(kw)
+    return policy.timeout_of(now, **args)  # type: ignore[arg-type]
+
+
+def test_timeouts() -> None:
+    assert timeout(10.0) == (None, pytest.approx(20.0))
+    assert timeout(30.0) == ("idle", 0.0)
+    assert timeout(31.0, in_flight=1) == (None, math.inf)  # the device holds its chunk
+    assert timeout(31.0, ending=True) == (None, math.inf)  # flushing
+    assert timeout(9.0, backlog=4) == (None, pytest.approx(1.0))
+    assert timeout(10.0, backlog=4, last_input=9.0) == ("slow_consumer", 0.0)
