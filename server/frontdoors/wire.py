@@ -1,5 +1,11 @@
 """Conversions between wire messages and runtime values, and the one mapping
-from runtime errors to transport codes (gRPC status, WebSocket close)."""
+from runtime errors to transport codes (gRPC status, WebSocket close).
+
+Decoding is zero-copy where the wire bytes are already the runtime's layout
+(little-endian float32 on a little-endian host): the array is a read-only
+view of the message's immutable bytes, which the stream only reads. Each chunk
+message used to be copied once here and again in the session.
+"""
 
 from __future__ import annotations
 
@@ -60,12 +66,39 @@ def tensor_to_array(tensor: pb.Tensor, max_bytes: int) -> np.ndarray:
             f"chunk data has {len(tensor.data)} bytes but shape {shape} of "
             f"{dtype.name} needs {expected}."
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    return _native(np.frombuffer(tensor.data, dtype=dtype).reshape(shape))
 
 
 def array_to_tensor(values: np.ndarray) -> pb.Tensor:
     values = np.ascontiguousarray(values, dtype="<f4")
-    return pb.Tensor(shape=list(values.shape), dtype=pb.FLOAT32, data=values.tobytes())
+    return pb.Tensor(shape=values.shape, dtype=pb.FLOAT32, data=values.tobytes())
+
+
+def output_response(frames: np.ndarray, offset: int) -> pb.StreamResponse:
+    """`StreamResponse.output` for valid output frames `[n, *C]` starting at `offset`.
+
+    Filled in place rather than from nested constructors, which copy each
+    submessage into its parent (one output message per stream per tick).
+    """
+    values = np.ascontiguousarray(frames, dtype="<f4")
+    response = pb.StreamResponse()
+    output = response.output
+    output.offset = offset
+    tensor = output.tensor
+    tensor.shape.extend(values.shape)
+    tensor.dtype = pb.FLOAT32
+    tensor.data = values.tobytes()
+    return response
+
+
+def ws_output(frames: np.ndarray) -> bytes:
+    """One WebSocket output message: little-endian float32 `[n, *C]` bytes."""
+    return np.ascontiguousarray(frames, dtype="<f4").tobytes()
+
+
+def _native(x: np.ndarray) -> np.ndarray:
+    # A no-op view on little-endian hosts; a byte-swapping copy elsewhere.
+    return x.astype(x.dtype.newbyteorder("="), copy=False)
 
 
 def decode_ws_frames(data: bytes, dtype_name: str, channel_shape: tuple[int, ...]) -> np.ndarray:
@@ -77,9 +110,7 @@ def decode_ws_frames(data: bytes, dtype_name: str, channel_shape: tuple[int, ...
             f"binary message of {len(data)} bytes is not a whole number of frames "
             f"({frame_bytes} bytes each: {list(channel_shape)} {dtype_name})."
         )
-    return (
-        np.frombuffer(data, dtype=dtype).reshape(-1, *channel_shape).astype(dtype.newbyteorder("="))
-    )
+    return _native(np.frombuffer(data, dtype=dtype).reshape(-1, *channel_shape))
 
 
 def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
