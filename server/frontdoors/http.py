@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import WebSocketRoute
 
 from server.errors import StreamError
 from server.frontdoors.auth import HEADER_HINT, ApiKeys
@@ -103,7 +104,8 @@ def create_app(
             return refuse(e, 404, model)
 
     # A raw ASGI endpoint (see server/frontdoors/websocket.py for why).
-    app.add_websocket_route(STREAM_PATH, WebSocketStream(runtime, keys, max_message_bytes))
+    endpoint = WebSocketStream(runtime, keys, max_message_bytes)
+    app.router.routes.append(WebSocketRoute(STREAM_PATH, endpoint, name="stream"))
 
     if WEB_DIR.is_dir():
         app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
