@@ -88,6 +88,11 @@ async def serve(args: argparse.Namespace) -> int:
             ssl_keyfile=cfg["tls_key"],
             ws_ping_interval=20.0,
             ws_ping_timeout=20.0,
+            # No permessage-deflate: audio and float frames barely compress,
+            # and zlib cost ~170 us of server CPU per chunk message and its
+            # output (loadtests/bench_doors.py). Clients that offer it get
+            # plain frames, as RFC 7692 lets a server answer.
+            ws_per_message_deflate=False,
             # Streams were drained already; never hang on a stuck connection.
             timeout_graceful_shutdown=2,
         )
