@@ -41,14 +41,10 @@ from protos import streaming_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK_SAMPLES = 1536
-# Starts `sl-serve` from whichever tree is first on sys.path (the old layout
-# had it at server.serve).
-LAUNCH = (
-    "import sys\n"
-    "try:\n    from server.app.serve import main\n"
-    "except ImportError:\n    from server.serve import main\n"
-    "sys.exit(main())\n"
-)
+# Starts `sl-serve` from a tree: `server.app.serve` there, or `server.serve`
+# in trees from before the split (decided by the tree's files: an import
+# fallback would pick up this tree's modules through the editable install).
+LAUNCH = "import sys\nfrom {module} import main\nsys.exit(main())\n"
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -66,6 +62,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def entry_module(tree: Path) -> str:
+    return (
+        "server.app.serve" if (tree / "server" / "app" / "serve.py").is_file() else "server.serve"
+    )
+
+
 class Server:
     """One `sl-serve` process running the code of `tree`."""
 
@@ -75,7 +77,7 @@ class Server:
         cmd = [
             sys.executable,
             "-c",
-            LAUNCH,
+            LAUNCH.format(module=entry_module(tree)),
             "--grpc-port",
             str(self.grpc_port),
             "--http-port",
@@ -231,7 +233,12 @@ def measure(door: str, server: Server, args: argparse.Namespace, chunks: list[by
     wall = time.monotonic() - t0
     cpu = cpu_seconds(pid) - cpu0 - idle_rate * wall
     messages = args.streams * len(chunks)
-    return {"us_per_chunk": cpu / messages * 1e6, "outputs": outputs, "wall_s": wall}
+    return {
+        "us_per_chunk": cpu / messages * 1e6,
+        "idle_cpu": idle_rate,
+        "outputs": outputs,
+        "wall_s": wall,
+    }
 
 
 def floor(args: argparse.Namespace, chunks: list[bytes]) -> float:
@@ -297,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--chunks", type=int, default=150, help="chunks per stream")
     p.add_argument("--window", type=int, default=3, help="chunks a stream may send ahead")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--idle-seconds", type=float, default=1.0)
     p.add_argument("--no-floor", action="store_true", help="skip the in-process runtime floor")
     args = p.parse_args(argv)
@@ -322,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     servers = {name: Server(tree, args.model_args) for name, tree in trees.items()}
     samples: dict[tuple[str, str], list[float]] = {}
     try:
+        # Warm-up, not counted: first connections, first ticks, lazy imports.
+        for door in ("websocket", "grpc"):
+            for server in servers.values():
+                measure(door, server, args, chunks[: args.window * 4])
         for _ in range(args.rounds):
             for door in ("websocket", "grpc"):
                 for name, server in servers.items():
@@ -329,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                     samples.setdefault((name, door), []).append(r["us_per_chunk"])
                     print(
                         f"  {name:8s} {door:9s} {r['us_per_chunk']:7.0f} us/chunk "
-                        f"({r['outputs']} outputs, {r['wall_s']:.1f} s)",
+                        f"({r['outputs']} outputs, {r['wall_s']:.1f} s, "
+                        f"idle {r['idle_cpu'] * 100:.1f}% of a core)",
                         file=sys.stderr,
                         flush=True,
                     )
