@@ -150,7 +150,7 @@ class StreamBridge:
         try:
             async for item in handle.outputs():
                 yield item
-                if type(item) is Output:
+                if isinstance(item, Output):
                     record(
                         ChunkStats(
                             model, transport, monotonic() - item.received_at, item.frames.shape[0]
@@ -176,10 +176,10 @@ async def feed(handle: StreamHandle, inbound: AsyncIterator[Inbound]) -> None:
     send = handle.send
     try:
         async for item in inbound:
-            if item is END:
+            if isinstance(item, EndOfInput):
                 handle.end()
                 return
-            send(item)  # type: ignore[arg-type]  # not END: samples
+            send(item)
         handle.cancel()
     except StreamError as e:
         handle.fail(e)

@@ -109,22 +109,19 @@ class StreamingService(pb_grpc.StreamingInferenceServicer):
                 )
             )
             async for item in self.bridge.pump(handle, _decode(request_iterator)):
-                # Exact type checks: this runs per output message.
-                kind = type(item)
-                if kind is Output:
-                    yield output_response(item.frames, item.offset)  # type: ignore[union-attr]
-                elif kind is SpeechEvent:
-                    sample = item.sample  # type: ignore[union-attr]
-                    if item.kind == "speech_started":  # type: ignore[union-attr]
-                        yield pb.StreamResponse(speech_started=pb.SpeechStarted(sample=sample))
+                if isinstance(item, Output):
+                    yield output_response(item.frames, item.offset)
+                elif isinstance(item, SpeechEvent):
+                    if item.kind == "speech_started":
+                        yield pb.StreamResponse(speech_started=pb.SpeechStarted(sample=item.sample))
                     else:
-                        yield pb.StreamResponse(speech_stopped=pb.SpeechStopped(sample=sample))
-                elif kind is Ended:
+                        yield pb.StreamResponse(speech_stopped=pb.SpeechStopped(sample=item.sample))
+                elif isinstance(item, Ended):
                     yield pb.StreamResponse(
                         ended=pb.StreamEnded(
-                            frames_in=item.frames_in,  # type: ignore[union-attr]
-                            frames_out=item.frames_out,  # type: ignore[union-attr]
-                            ticks=item.ticks,  # type: ignore[union-attr]
+                            frames_in=item.frames_in,
+                            frames_out=item.frames_out,
+                            ticks=item.ticks,
                             duration_seconds=time.monotonic() - started,
                         )
                     )
@@ -142,7 +139,7 @@ async def _decode(requests: AsyncIterator[pb.StreamRequest]) -> AsyncIterator[In
     """The rest of a `Stream` call's requests as bridge input: chunks, then
     `END` at `end` or at the client's half-close (which equals `end`)."""
     async for request in requests:
-        if type(request) is Malformed:
+        if isinstance(request, Malformed):
             raise InvalidArgument(request.error)
         kind = request.WhichOneof("request")
         if kind == "chunk":

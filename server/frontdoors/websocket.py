@@ -34,7 +34,6 @@ from server.errors import InvalidArgument, ResourceExhausted, StreamError
 from server.frontdoors.auth import WEBSOCKET_HINT, ApiKeys
 from server.frontdoors.bridge import END, Inbound, StreamBridge, StreamRuntime
 from server.frontdoors.wire import (
-    WIRE_DTYPES,
     decode_ws_frames,
     segment_options_from_query,
     ws_close_code,
@@ -98,19 +97,18 @@ class WebSocketStream:
         await _send_text(send, {"type": "started", **info.to_json(), "stream_id": handle.stream_id})
         inbound = _decode(receive, dtype, info.input_shape, self.max_message_bytes)
         async for item in self.bridge.pump(handle, inbound):
-            kind = type(item)
-            if kind is Output:
-                await send({"type": "websocket.send", "bytes": ws_output(item.frames)})  # type: ignore[union-attr]
-            elif kind is SpeechEvent:
-                await _send_text(send, {"type": item.kind, "sample": item.sample})  # type: ignore[union-attr]
-            elif kind is Ended:
+            if isinstance(item, Output):
+                await send({"type": "websocket.send", "bytes": ws_output(item.frames)})
+            elif isinstance(item, SpeechEvent):
+                await _send_text(send, {"type": item.kind, "sample": item.sample})
+            elif isinstance(item, Ended):
                 await _send_text(
                     send,
                     {
                         "type": "ended",
-                        "frames_in": item.frames_in,  # type: ignore[union-attr]
-                        "frames_out": item.frames_out,  # type: ignore[union-attr]
-                        "ticks": item.ticks,  # type: ignore[union-attr]
+                        "frames_in": item.frames_in,
+                        "frames_out": item.frames_out,
+                        "ticks": item.ticks,
                         "duration_seconds": time.monotonic() - started,
                     },
                 )
@@ -131,8 +129,6 @@ async def _decode(
 ) -> AsyncIterator[Inbound]:
     """Client messages as bridge input: binary frames as samples, then `END`
     at `{"type": "end"}`; stops without `END` when the client leaves."""
-    if dtype not in WIRE_DTYPES:  # checked by the caller; keeps decode_ws_frames total
-        raise InvalidArgument(f"dtype={dtype!r} is not supported; use float32 or int16.")
     while True:
         message = await receive()
         data = message.get("bytes")
