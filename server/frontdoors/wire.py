@@ -52,21 +52,21 @@ def tensor_to_array(tensor: pb.Tensor, max_bytes: int) -> np.ndarray:
     if dtype is None:
         name = pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype
         raise InvalidArgument(f"chunk dtype {name} is not supported; use FLOAT32 or INT16.")
-    shape = [int(d) for d in tensor.shape]
-    if not shape or any(d < 0 for d in shape):
+    # Read once: each read of a bytes field makes a new copy of its bytes.
+    data = tensor.data
+    shape = list(tensor.shape)
+    if not shape or min(shape) < 0:
         raise InvalidArgument(f"chunk shape {shape} is invalid; use [frames, *channel_shape].")
-    if len(tensor.data) > max_bytes:
+    if len(data) > max_bytes:
         raise ResourceExhausted(
-            f"chunk of {len(tensor.data)} bytes exceeds the limit of {max_bytes}; "
-            "send smaller chunks."
+            f"chunk of {len(data)} bytes exceeds the limit of {max_bytes}; send smaller chunks."
         )
     expected = math.prod(shape) * dtype.itemsize
-    if len(tensor.data) != expected:
+    if len(data) != expected:
         raise InvalidArgument(
-            f"chunk data has {len(tensor.data)} bytes but shape {shape} of "
-            f"{dtype.name} needs {expected}."
+            f"chunk data has {len(data)} bytes but shape {shape} of {dtype.name} needs {expected}."
         )
-    return _native(np.frombuffer(tensor.data, dtype=dtype).reshape(shape))
+    return _native(np.frombuffer(data, dtype=dtype).reshape(shape))
 
 
 def array_to_tensor(values: np.ndarray) -> pb.Tensor:
