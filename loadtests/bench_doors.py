@@ -306,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=3, help="chunks a stream may send ahead")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--idle-seconds", type=float, default=1.0)
+    p.add_argument("--doors", default="websocket,grpc", help="comma-separated: websocket, grpc")
     p.add_argument("--no-floor", action="store_true", help="skip the in-process runtime floor")
     args = p.parse_args(argv)
+    doors = args.doors.split(",")
     args.model_args = [
         "--model",
         args.model,
@@ -330,11 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[tuple[str, str], list[float]] = {}
     try:
         # Warm-up, not counted: first connections, first ticks, lazy imports.
-        for door in ("websocket", "grpc"):
+        for door in doors:
             for server in servers.values():
                 measure(door, server, args, chunks[: args.window * 4])
         for _ in range(args.rounds):
-            for door in ("websocket", "grpc"):
+            for door in doors:
                 for name, server in servers.items():
                     r = measure(door, server, args, chunks)
                     samples.setdefault((name, door), []).append(r["us_per_chunk"])
@@ -366,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 / statistics.median(samples[("baseline", door)]),
                 3,
             )
-            for door in ("websocket", "grpc")
+            for door in doors
         }
     if not args.no_floor:
         result["runtime_floor_us_per_chunk"] = round(floor(args, chunks), 1)
