@@ -335,9 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         for door in doors:
             for server in servers.values():
                 measure(door, server, args, chunks[: args.window * 4])
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             for door in doors:
-                for name, server in servers.items():
+                # Who goes first alternates: a position effect (the client's
+                # state, a neighbour's load) must not favour one tree.
+                order = list(servers.items())
+                for name, server in order if round_ % 2 == 0 else order[::-1]:
                     r = measure(door, server, args, chunks)
                     samples.setdefault((name, door), []).append(r["us_per_chunk"])
                     print(
