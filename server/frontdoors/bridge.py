@@ -19,8 +19,9 @@ Example (what a door's handler boils down to):
     try:
         handle = bridge.open(model, stream_id=None, segments=None)
         await send_started(handle.info, handle.stream_id)
-        async for item in bridge.pump(handle, decoded_messages()):
-            await send(item)              # Output, SpeechEvent or Ended
+        async with contextlib.aclosing(bridge.pump(handle, decoded_messages())) as items:
+            async for item in items:
+                await send(item)          # Output, SpeechEvent or Ended
     except StreamError as e:
         bridge.reject(e, model)
         await send_error(e)               # grpc_status(e) / ws_close_code(e)
@@ -140,6 +141,8 @@ class StreamBridge:
         after it wrote this one. On exit, however it happens (the door
         stopped iterating, the client left, an error), the reader stops and
         the stream is cancelled; cancelling an ended stream does nothing.
+        Iterate it under `contextlib.aclosing`: an async generator a door
+        abandons mid-iteration is otherwise only closed when collected.
         """
         reader = asyncio.create_task(feed(handle, inbound))
         # Bound once: these run per output message.

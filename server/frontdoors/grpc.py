@@ -108,23 +108,30 @@ class StreamingService(pb_grpc.StreamingInferenceServicer):
                     model=model_info_to_proto(handle.info), stream_id=handle.stream_id
                 )
             )
-            async for item in self.bridge.pump(handle, _decode(request_iterator)):
-                if isinstance(item, Output):
-                    yield output_response(item.frames, item.offset)
-                elif isinstance(item, SpeechEvent):
-                    if item.kind == "speech_started":
-                        yield pb.StreamResponse(speech_started=pb.SpeechStarted(sample=item.sample))
-                    else:
-                        yield pb.StreamResponse(speech_stopped=pb.SpeechStopped(sample=item.sample))
-                elif isinstance(item, Ended):
-                    yield pb.StreamResponse(
-                        ended=pb.StreamEnded(
-                            frames_in=item.frames_in,
-                            frames_out=item.frames_out,
-                            ticks=item.ticks,
-                            duration_seconds=time.monotonic() - started,
+            # aclosing: the stream is freed as soon as this call ends, however it ends.
+            pump = self.bridge.pump(handle, _decode(request_iterator))
+            async with contextlib.aclosing(pump) as items:
+                async for item in items:
+                    if isinstance(item, Output):
+                        yield output_response(item.frames, item.offset)
+                    elif isinstance(item, SpeechEvent):
+                        if item.kind == "speech_started":
+                            yield pb.StreamResponse(
+                                speech_started=pb.SpeechStarted(sample=item.sample)
+                            )
+                        else:
+                            yield pb.StreamResponse(
+                                speech_stopped=pb.SpeechStopped(sample=item.sample)
+                            )
+                    elif isinstance(item, Ended):
+                        yield pb.StreamResponse(
+                            ended=pb.StreamEnded(
+                                frames_in=item.frames_in,
+                                frames_out=item.frames_out,
+                                ticks=item.ticks,
+                                duration_seconds=time.monotonic() - started,
+                            )
                         )
-                    )
         except StreamError as e:
             await self._abort(context, e, model)
 

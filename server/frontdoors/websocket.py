@@ -96,23 +96,25 @@ class WebSocketStream:
         info = handle.info
         await _send_text(send, {"type": "started", **info.to_json(), "stream_id": handle.stream_id})
         inbound = _decode(receive, dtype, info.input_shape, self.max_message_bytes)
-        async for item in self.bridge.pump(handle, inbound):
-            if isinstance(item, Output):
-                await send({"type": "websocket.send", "bytes": ws_output(item.frames)})
-            elif isinstance(item, SpeechEvent):
-                await _send_text(send, {"type": item.kind, "sample": item.sample})
-            elif isinstance(item, Ended):
-                await _send_text(
-                    send,
-                    {
-                        "type": "ended",
-                        "frames_in": item.frames_in,
-                        "frames_out": item.frames_out,
-                        "ticks": item.ticks,
-                        "duration_seconds": time.monotonic() - started,
-                    },
-                )
-                await send({"type": "websocket.close", "code": 1000, "reason": ""})
+        # aclosing: the stream is freed as soon as this connection ends, however it ends.
+        async with contextlib.aclosing(self.bridge.pump(handle, inbound)) as items:
+            async for item in items:
+                if isinstance(item, Output):
+                    await send({"type": "websocket.send", "bytes": ws_output(item.frames)})
+                elif isinstance(item, SpeechEvent):
+                    await _send_text(send, {"type": item.kind, "sample": item.sample})
+                elif isinstance(item, Ended):
+                    await _send_text(
+                        send,
+                        {
+                            "type": "ended",
+                            "frames_in": item.frames_in,
+                            "frames_out": item.frames_out,
+                            "ticks": item.ticks,
+                            "duration_seconds": time.monotonic() - started,
+                        },
+                    )
+                    await send({"type": "websocket.close", "code": 1000, "reason": ""})
 
 
 def error_body(error: StreamError) -> dict[str, str]:

@@ -4,6 +4,7 @@ outputs out; how each way a stream can stop reaches the runtime."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterable
 
 import numpy as np
@@ -185,3 +186,21 @@ def test_reject_counts_the_error_for_its_transport() -> None:
         ErrorStats("nope", "NOT_FOUND", "grpc"),
         ErrorStats("", "INTERNAL", "websocket"),
     ]
+
+
+def test_a_door_that_fails_mid_stream_frees_the_stream_at_once() -> None:
+    """The door's write raised (the client is gone): under `aclosing` the
+    stream is cancelled before the door's handler returns."""
+    runtime = FakeRuntime()
+    bridge = StreamBridge(runtime, "websocket")
+
+    async def main() -> None:
+        handle = bridge.open("echo", None, None)
+        pump = bridge.pump(handle, messages(chunks(1, 1), hold=True))
+        with pytest.raises(ConnectionResetError):
+            async with contextlib.aclosing(pump) as items:
+                async for _ in items:
+                    raise ConnectionResetError
+        assert runtime.handles[0].calls[-1] == "cancel"
+
+    asyncio.run(main())
