@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from loadtests import loadtest as lt
-from server.cli import offline_main
+from server.app.cli import offline_main
 from tests.server.serving import ROOT, ServerProcess, running_server
 
 pytestmark = pytest.mark.e2e  # starts server processes: not in `make test-fast`

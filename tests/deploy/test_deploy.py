@@ -283,7 +283,7 @@ def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
 
 
 def test_server_toml_in_configmaps_loads(tmp_path: Path) -> None:
-    from server.config_file import load_config_file
+    from server.app.config_file import load_config_file
 
     for variant in ("base", "overlays/gpu"):
         docs = kustomize(DEPLOY / "k8s" / variant)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server.config_file import ConfigFileError, load_config_file
-from server.serve import build_parser, resolve_settings
+from server.app.config_file import ConfigFileError, load_config_file
+from server.app.settings import build_parser, resolve_settings
 
 pytestmark = pytest.mark.e2e  # starts server processes: not in `make test-fast`
 

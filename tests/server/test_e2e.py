@@ -31,7 +31,7 @@ from clients.client import (
 )
 from protos import streaming_pb2 as pb
 from protos import streaming_pb2_grpc as pb_grpc
-from server.cli import offline_main
+from server.app.cli import offline_main
 from server.model import ServableModel, init_variables, save_model_dir
 from tests.server.serving import ServerProcess, running_server
 

@@ -14,7 +14,7 @@ import pytest
 
 import sequence_layers as sl
 from sequence_layers import testing
-from server.cli import models_main, offline_main
+from server.app.cli import models_main, offline_main
 from server.errors import ModelLoadError
 from server.model import ServableModel, init_variables, load_model_dir, save_model_dir
 

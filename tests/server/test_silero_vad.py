@@ -15,7 +15,7 @@ import pytest
 
 import sequence_layers as sl
 from server import silero_vad
-from server.cli import models_main
+from server.app.cli import models_main
 from server.errors import ModelLoadError
 from server.model import ServableModel, load_model_dir
 from tests.server.vad_audio import onnx_probs, speech_mix, wheel_or_skip
@@ -120,7 +120,8 @@ def test_import_errors_are_clear(wheel: Path, tmp_path: Path) -> None:
 def test_defaults_without_the_wheel_serve_the_rest(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from server import defaults, serve
+    from server import defaults
+    from server.app import settings as serve
 
     monkeypatch.setattr(silero_vad, "MODEL_DIR", tmp_path / "models" / "silero-vad")
     monkeypatch.setattr(silero_vad, "BUILD_DIR", tmp_path)

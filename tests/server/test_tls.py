@@ -22,7 +22,7 @@ from clients.client import (
     chunked,
     collect,
 )
-from server.cli import offline_main
+from server.app.cli import offline_main
 from tests.server.serving import ServerProcess, running_server
 
 pytestmark = pytest.mark.e2e  # starts server processes: not in `make test-fast`

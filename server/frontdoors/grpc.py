@@ -1,16 +1,16 @@
 """The gRPC front door: `sequence_layers.serving.v1.StreamingInference` on
 `grpc.aio`, plus the standard health service and server reflection.
 
-A thin adapter over `Runtime`: each bidi `Stream` call is an async generator
-that opens a session on its first (config) message, feeds chunks from a reader
-task, and yields the session's outputs.
+A thin adapter over the stream bridge (`server.frontdoors.bridge`): each bidi
+`Stream` call is an async generator that opens a stream on its first (config)
+message, decodes the rest of the request stream into chunks for the bridge,
+and encodes the outputs the bridge yields as `StreamResponse`s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,16 +22,17 @@ from grpc_reflection.v1alpha import reflection
 from protos import streaming_pb2 as pb
 from protos import streaming_pb2_grpc as pb_grpc
 from server.errors import InvalidArgument, StreamError, Unauthenticated
-from server.runtime import Ended, Output, Runtime, Session
-from server.segments import SpeechEvent
-from server.stats import ChunkStats, ErrorStats
-from server.wire import (
-    array_to_tensor,
+from server.frontdoors.auth import GRPC_HINT, ApiKeys
+from server.frontdoors.bridge import END, Inbound, StreamBridge, StreamRuntime
+from server.frontdoors.wire import (
     grpc_status,
     model_info_to_proto,
+    output_response,
     segment_options_from_proto,
     tensor_to_array,
 )
+from server.runtime import Ended, Output
+from server.segments import SpeechEvent
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StreamingInference"].full_name
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -50,10 +51,11 @@ _OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class StreamingService(pb_grpc.StreamingInferenceServicer):
-    """Implements the pinned service over a `Runtime`."""
+    """Implements the pinned service over the runtime, through a `StreamBridge`."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: StreamRuntime) -> None:
         self.runtime = runtime
+        self.bridge = StreamBridge(runtime, "grpc")
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -78,8 +80,6 @@ class StreamingService(pb_grpc.StreamingInferenceServicer):
     async def Stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
-        session: Session | None = None
-        reader: asyncio.Task[None] | None = None
         started = time.monotonic()
         model = ""
         try:
@@ -94,84 +94,71 @@ class StreamingService(pb_grpc.StreamingInferenceServicer):
                     "the first message of a stream must be `config` (StreamConfig with the "
                     "model name); send chunks after it."
                 )
-            stream_id = first.config.stream_id if first.config.HasField("stream_id") else None
-            model = first.config.model
-            session = self.runtime.open_stream(model, stream_id)
-            if first.config.HasField("speech_segments"):
-                session.request_segments(segment_options_from_proto(first.config.speech_segments))
+            config = first.config
+            model = config.model
+            handle = self.bridge.open(
+                model,
+                config.stream_id if config.HasField("stream_id") else None,
+                segment_options_from_proto(config.speech_segments)
+                if config.HasField("speech_segments")
+                else None,
+            )
             yield pb.StreamResponse(
                 started=pb.StreamStarted(
-                    model=model_info_to_proto(session.info), stream_id=session.stream_id
+                    model=model_info_to_proto(handle.info), stream_id=handle.stream_id
                 )
             )
-            reader = asyncio.create_task(self._read(request_iterator, session))
-            async for item in session.outputs():
-                if isinstance(item, Output):
-                    yield pb.StreamResponse(
-                        output=pb.StreamOutput(
-                            tensor=array_to_tensor(item.frames), offset=item.offset
+            # aclosing: the stream is freed as soon as this call ends, however it ends.
+            pump = self.bridge.pump(handle, _decode(request_iterator))
+            async with contextlib.aclosing(pump) as items:
+                async for item in items:
+                    if isinstance(item, Output):
+                        yield output_response(item.frames, item.offset)
+                    elif isinstance(item, SpeechEvent):
+                        if item.kind == "speech_started":
+                            yield pb.StreamResponse(
+                                speech_started=pb.SpeechStarted(sample=item.sample)
+                            )
+                        else:
+                            yield pb.StreamResponse(
+                                speech_stopped=pb.SpeechStopped(sample=item.sample)
+                            )
+                    elif isinstance(item, Ended):
+                        yield pb.StreamResponse(
+                            ended=pb.StreamEnded(
+                                frames_in=item.frames_in,
+                                frames_out=item.frames_out,
+                                ticks=item.ticks,
+                                duration_seconds=time.monotonic() - started,
+                            )
                         )
-                    )
-                    # Resumes once grpc has taken the message: it is written.
-                    self.runtime.record(
-                        ChunkStats(
-                            model,
-                            "grpc",
-                            time.monotonic() - item.received_at,
-                            item.frames.shape[0],
-                        )
-                    )
-                elif isinstance(item, SpeechEvent):
-                    if item.kind == "speech_started":
-                        yield pb.StreamResponse(speech_started=pb.SpeechStarted(sample=item.sample))
-                    else:
-                        yield pb.StreamResponse(speech_stopped=pb.SpeechStopped(sample=item.sample))
-                elif isinstance(item, Ended):
-                    yield pb.StreamResponse(
-                        ended=pb.StreamEnded(
-                            frames_in=item.frames_in,
-                            frames_out=item.frames_out,
-                            ticks=item.ticks,
-                            duration_seconds=time.monotonic() - started,
-                        )
-                    )
         except StreamError as e:
             await self._abort(context, e, model)
-        finally:
-            if reader is not None:
-                reader.cancel()
-            if session is not None:
-                session.cancel()  # no-op once ended; frees the slot if the client left
-
-    async def _read(self, requests: AsyncIterator[pb.StreamRequest], session: Session) -> None:
-        max_bytes = MAX_MESSAGE_BYTES
-        try:
-            async for request in requests:
-                if isinstance(request, Malformed):
-                    raise InvalidArgument(request.error)
-                kind = request.WhichOneof("request")
-                if kind == "chunk":
-                    session.send(tensor_to_array(request.chunk, max_bytes))
-                elif kind == "end":
-                    session.end()
-                    return
-                elif kind == "config":
-                    raise InvalidArgument("a second `config` message; a stream has exactly one.")
-                else:
-                    raise InvalidArgument("empty StreamRequest; set config, chunk or end.")
-            session.end()  # half-close equals end
-        except StreamError as e:
-            session.fail(e)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the client went away mid-read
-            session.cancel()
 
     async def _abort(
         self, context: grpc.aio.ServicerContext, error: StreamError, model: str
     ) -> None:
-        self.runtime.record(ErrorStats(model, error.code, "grpc"))
+        self.bridge.reject(error, model)
         await context.abort(grpc_status(error), error.message)
+
+
+async def _decode(requests: AsyncIterator[pb.StreamRequest]) -> AsyncIterator[Inbound]:
+    """The rest of a `Stream` call's requests as bridge input: chunks, then
+    `END` at `end` or at the client's half-close (which equals `end`)."""
+    async for request in requests:
+        if isinstance(request, Malformed):
+            raise InvalidArgument(request.error)
+        kind = request.WhichOneof("request")
+        if kind == "chunk":
+            yield tensor_to_array(request.chunk, MAX_MESSAGE_BYTES)
+        elif kind == "end":
+            yield END
+            return
+        elif kind == "config":
+            raise InvalidArgument("a second `config` message; a stream has exactly one.")
+        else:
+            raise InvalidArgument("empty StreamRequest; set config, chunk or end.")
+    yield END
 
 
 class Malformed:
@@ -214,9 +201,9 @@ def _service_handler(service: StreamingService) -> grpc.GenericRpcHandler:
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer KEY` on every method but health and reflection."""
 
-    def __init__(self, api_keys: list[str], runtime: Runtime) -> None:
-        self._keys = [k.encode() for k in api_keys]
-        self._runtime = runtime
+    def __init__(self, keys: ApiKeys, runtime: StreamRuntime) -> None:
+        self._keys = keys
+        self._bridge = StreamBridge(runtime, "grpc")
 
     async def intercept_service(
         self,
@@ -227,39 +214,36 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(_OPEN_METHODS):
             return handler
         metadata = dict(details.invocation_metadata or ())
-        if self._authorized(metadata.get("authorization", "")):
-            return handler
-        error = Unauthenticated(
-            "missing or wrong API key: send metadata `authorization: Bearer <key>`."
-        )
-        self._runtime.record(ErrorStats("", error.code, "grpc"))
+        try:
+            self._keys.check(metadata.get("authorization"), how=GRPC_HINT)
+        except Unauthenticated as e:
+            self._bridge.reject(e)
+            return _deny(handler, e)
+        return handler
 
-        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, error.message)
 
-        async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if hasattr(request, "__aiter__"):
-                # Aborting before the client's first message races its request
-                # stream in grpc-core (the client sees INTERNAL); read one first.
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(anext(aiter(request)), timeout=5)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, error.message)
-            yield  # pragma: no cover - makes this an async generator
+def _deny(handler: grpc.RpcMethodHandler, error: Unauthenticated) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind that answers UNAUTHENTICATED."""
 
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny_stream)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny_stream)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, error.message)
 
-    def _authorized(self, header: str | bytes) -> bool:
-        value = header.encode() if isinstance(header, str) else header
-        if not value.startswith(b"Bearer "):
-            return False
-        token = value[len(b"Bearer ") :].strip()
-        return any(hmac.compare_digest(token, key) for key in self._keys)
+    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if hasattr(request, "__aiter__"):
+            # Aborting before the client's first message races its request
+            # stream in grpc-core (the client sees INTERNAL); read one first.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(anext(aiter(request)), timeout=5)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, error.message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny_stream)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny)
+    return grpc.unary_unary_rpc_method_handler(deny)
 
 
 class GrpcServer:
@@ -267,13 +251,14 @@ class GrpcServer:
 
     def __init__(
         self,
-        runtime: Runtime,
+        runtime: StreamRuntime,
         host: str,
         port: int,
-        api_keys: list[str] | None = None,
+        api_keys: ApiKeys | None = None,
         tls: tuple[bytes, bytes] | None = None,
     ) -> None:
-        interceptors = [ApiKeyInterceptor(api_keys, runtime)] if api_keys else []
+        keys = api_keys or ApiKeys()
+        interceptors = [ApiKeyInterceptor(keys, runtime)] if keys.enabled else []
         self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self.server.add_generic_rpc_handlers((_service_handler(StreamingService(runtime)),))
         self.health = health.aio.HealthServicer()

@@ -1,5 +1,12 @@
 """Conversions between wire messages and runtime values, and the one mapping
-from runtime errors to transport codes (gRPC status, WebSocket close)."""
+from runtime errors to transport codes (gRPC status, WebSocket close).
+
+Decoded chunks are owned, writable, native-order arrays. A read-only view of
+the message bytes would save a copy of a few KB, but measured over gRPC it
+cost more server CPU per chunk than it saved (loadtests/bench_doors.py, 377
+vs 331 us, silero-vad), and it would tie the runtime to never writing into
+what it was sent.
+"""
 
 from __future__ import annotations
 
@@ -46,26 +53,53 @@ def tensor_to_array(tensor: pb.Tensor, max_bytes: int) -> np.ndarray:
     if dtype is None:
         name = pb.DType.Name(tensor.dtype) if tensor.dtype in pb.DType.values() else tensor.dtype
         raise InvalidArgument(f"chunk dtype {name} is not supported; use FLOAT32 or INT16.")
-    shape = [int(d) for d in tensor.shape]
-    if not shape or any(d < 0 for d in shape):
+    # Read once: each read of a bytes field makes a new copy of its bytes.
+    data = tensor.data
+    shape = list(tensor.shape)
+    if not shape or min(shape) < 0:
         raise InvalidArgument(f"chunk shape {shape} is invalid; use [frames, *channel_shape].")
-    if len(tensor.data) > max_bytes:
+    if len(data) > max_bytes:
         raise ResourceExhausted(
-            f"chunk of {len(tensor.data)} bytes exceeds the limit of {max_bytes}; "
-            "send smaller chunks."
+            f"chunk of {len(data)} bytes exceeds the limit of {max_bytes}; send smaller chunks."
         )
     expected = math.prod(shape) * dtype.itemsize
-    if len(tensor.data) != expected:
+    if len(data) != expected:
         raise InvalidArgument(
-            f"chunk data has {len(tensor.data)} bytes but shape {shape} of "
-            f"{dtype.name} needs {expected}."
+            f"chunk data has {len(data)} bytes but shape {shape} of {dtype.name} needs {expected}."
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    return _native(np.frombuffer(data, dtype=dtype).reshape(shape))
 
 
 def array_to_tensor(values: np.ndarray) -> pb.Tensor:
     values = np.ascontiguousarray(values, dtype="<f4")
-    return pb.Tensor(shape=list(values.shape), dtype=pb.FLOAT32, data=values.tobytes())
+    return pb.Tensor(shape=values.shape, dtype=pb.FLOAT32, data=values.tobytes())
+
+
+def output_response(frames: np.ndarray, offset: int) -> pb.StreamResponse:
+    """`StreamResponse.output` for valid output frames `[n, *C]` starting at `offset`.
+
+    Filled in place rather than from nested constructors, which copy each
+    submessage into its parent (one output message per stream per tick).
+    """
+    values = np.ascontiguousarray(frames, dtype="<f4")
+    response = pb.StreamResponse()
+    output = response.output
+    output.offset = offset
+    tensor = output.tensor
+    tensor.shape.extend(values.shape)
+    tensor.dtype = pb.FLOAT32
+    tensor.data = values.tobytes()
+    return response
+
+
+def ws_output(frames: np.ndarray) -> bytes:
+    """One WebSocket output message: little-endian float32 `[n, *C]` bytes."""
+    return np.ascontiguousarray(frames, dtype="<f4").tobytes()
+
+
+def _native(x: np.ndarray) -> np.ndarray:
+    # An owned copy in host byte order (the wire is little-endian).
+    return x.astype(x.dtype.newbyteorder("="))
 
 
 def decode_ws_frames(data: bytes, dtype_name: str, channel_shape: tuple[int, ...]) -> np.ndarray:
@@ -77,9 +111,7 @@ def decode_ws_frames(data: bytes, dtype_name: str, channel_shape: tuple[int, ...
             f"binary message of {len(data)} bytes is not a whole number of frames "
             f"({frame_bytes} bytes each: {list(channel_shape)} {dtype_name})."
         )
-    return (
-        np.frombuffer(data, dtype=dtype).reshape(-1, *channel_shape).astype(dtype.newbyteorder("="))
-    )
+    return _native(np.frombuffer(data, dtype=dtype).reshape(-1, *channel_shape))
 
 
 def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:

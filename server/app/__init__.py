@@ -1,0 +1,1 @@
+"""The `sl-serve` process: settings, lifecycle and the command-line tools."""

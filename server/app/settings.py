@@ -1,0 +1,108 @@
+"""`sl-serve` settings assembled from their sources: built-in defaults, a
+config file (`--config`, see `server.app.config_file`) and flags, in that
+order; and the models they name.
+
+The knobs themselves are settings fields (`server.settings`), from which the
+flags and the config file's keys are generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from server.app.config_file import load_config_file, scheduler_config
+from server.defaults import BUILTIN_MODELS, DOWNLOADED_MODELS
+from server.errors import ModelLoadError
+from server.model import ServableModel, load_model_dir
+from server.runtime import SchedulerConfig
+from server.settings import ServerSettings, add_flags, flag_values, merge
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sl-serve", description="Streaming inference server.")
+    p.add_argument("--config", default=None, help="server.toml (see server/app/config_file.py)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve the model directory DIR as NAME (repeatable); a built-in name alone "
+        f"({', '.join(sorted(BUILTIN_MODELS))}) serves that built-in. Default: all built-ins.",
+    )
+    p.add_argument("--api-key", action="append", default=[], help="require this key (repeatable)")
+    # Every other flag comes from a settings field (server/settings.py).
+    add_flags(p, ServerSettings, "server")
+    add_flags(p, SchedulerConfig, "per model (a config file can set them per model)")
+    return p
+
+
+@dataclasses.dataclass
+class Settings:
+    server: dict[str, Any]
+    models: dict[str, ServableModel]
+    schedulers: dict[str, SchedulerConfig]
+    api_keys: list[str]
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """Merges built-in defaults, the config file and the flags (in that order)."""
+    file = load_config_file(args.config) if args.config else None
+    server = dataclasses.asdict(
+        merge(ServerSettings, file.server if file else {}, flag_values(args, ServerSettings))
+    )
+    flag_knobs = flag_values(args, SchedulerConfig)
+    defaults = file.defaults if file else {}
+    models: dict[str, ServableModel] = {}
+    schedulers: dict[str, SchedulerConfig] = {}
+    for entry in file.models if file else []:
+        if entry.builtin is not None:
+            if entry.builtin not in BUILTIN_MODELS:
+                raise ModelLoadError(
+                    f"{args.config}: [models.{entry.name}] builtin {entry.builtin!r} is not one "
+                    f"of {', '.join(sorted(BUILTIN_MODELS))}."
+                )
+            model = BUILTIN_MODELS[entry.builtin]()
+            model.name = entry.name
+        else:
+            model = load_model_dir(entry.path or "", name=entry.name)
+        models[entry.name] = model
+        schedulers[entry.name] = scheduler_config(defaults, entry.scheduler, flag_knobs)
+    for name, model in load_models(args.model, default_builtins=not models).items():
+        models[name] = model
+        schedulers[name] = scheduler_config(defaults, flag_knobs)
+    keys = list(server["api_keys"]) + list(args.api_key)
+    if server["api_key_file"]:
+        text = Path(server["api_key_file"]).read_text()
+        keys += [line.strip() for line in text.splitlines() if line.strip()]
+    return Settings(server, models, schedulers, keys)
+
+
+def load_models(specs: list[str], default_builtins: bool = True) -> dict[str, ServableModel]:
+    if not specs:
+        if not default_builtins:
+            return {}
+        models = {}
+        for name, build in BUILTIN_MODELS.items():
+            try:
+                models[name] = build()
+            except ModelLoadError as e:
+                if name not in DOWNLOADED_MODELS:
+                    raise
+                print(f"sl-serve: not serving {name}: {e}", file=sys.stderr, flush=True)
+        return models
+    models: dict[str, ServableModel] = {}
+    for spec in specs:
+        if "=" in spec:
+            name, directory = spec.split("=", 1)
+            models[name] = load_model_dir(directory, name=name)
+        elif spec in BUILTIN_MODELS:
+            models[spec] = BUILTIN_MODELS[spec]()
+        else:
+            raise ModelLoadError(
+                f"--model {spec!r}: use NAME=DIR or a built-in name ({', '.join(BUILTIN_MODELS)})."
+            )
+    return models

@@ -1,0 +1,117 @@
+"""The HTTP front door (FastAPI on uvicorn): health, readiness, metrics, model
+listing, OpenAPI docs, the browser client, and the WebSocket stream route
+(`server.frontdoors.websocket`), all on one port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.routing import WebSocketRoute
+
+from server.errors import StreamError
+from server.frontdoors.auth import HEADER_HINT, ApiKeys
+from server.frontdoors.bridge import StreamRuntime
+from server.frontdoors.websocket import WebSocketStream, error_body
+from server.model import ModelInfo
+from server.stats import ErrorStats
+
+WEB_DIR = Path(__file__).resolve().parents[2] / "clients" / "web"
+STREAM_PATH = "/v1/models/{model}/stream"
+
+
+def create_app(
+    runtime: StreamRuntime,
+    api_keys: ApiKeys | None = None,
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
+    max_message_bytes: int = 16 * 1024 * 1024,
+) -> FastAPI:
+    """The FastAPI app serving `runtime`. `metrics()` returns (body, content type)."""
+    app = FastAPI(
+        title="sequence-layers-serving",
+        description="Streaming inference for SequenceLayers models. Streams go over "
+        f"WebSocket (`{STREAM_PATH}`) or gRPC.",
+        version="1",
+    )
+    keys = api_keys or ApiKeys()
+
+    def model_json(info: ModelInfo) -> dict[str, Any]:
+        # `state` (compiling, ready, draining) is live, so not part of ModelInfo.
+        return {**info.to_json(), "state": runtime.model_state(info.name)}
+
+    def refuse(error: StreamError, status_code: int, model: str = "") -> JSONResponse:
+        runtime.record(ErrorStats(model, error.code, "http"))
+        return JSONResponse(error_body(error), status_code=status_code)
+
+    @app.get("/healthz", summary="Liveness: the process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        summary="Readiness: every model compiled and not draining; `?model=NAME` asks "
+        "about one model, which serves as soon as its own programs are compiled",
+    )
+    async def readyz(model: str | None = None) -> Response:
+        states = {info.name: runtime.model_state(info.name) for info in runtime.list_models()}
+        if model is not None:
+            if model not in states:
+                return JSONResponse({"status": "unknown model", "model": model}, status_code=404)
+            ok = states[model] == "ready"
+            return JSONResponse({"status": states[model]}, status_code=200 if ok else 503)
+        if runtime.ready:
+            return JSONResponse({"status": "ready", "models": states})
+        status = "draining" if runtime.draining else "starting"
+        return JSONResponse({"status": status, "models": states}, status_code=503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics_endpoint() -> Response:
+        if metrics is None:
+            return PlainTextResponse("", status_code=404)
+        body, content_type = metrics()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models", summary="The models this server streams")
+    async def list_models(request: Request) -> Response:
+        try:
+            keys.check(
+                request.headers.get("authorization"),
+                request.query_params.get("token"),
+                how=HEADER_HINT,
+            )
+        except StreamError as e:
+            return refuse(e, 401)
+        return JSONResponse({"models": [model_json(i) for i in runtime.list_models()]})
+
+    @app.get("/v1/models/{model}", summary="One model's streaming parameters")
+    async def get_model(model: str, request: Request) -> Response:
+        try:
+            keys.check(
+                request.headers.get("authorization"),
+                request.query_params.get("token"),
+                how=HEADER_HINT,
+            )
+        except StreamError as e:
+            return refuse(e, 401)
+        try:
+            return JSONResponse(model_json(runtime.get_model(model)))
+        except StreamError as e:
+            return refuse(e, 404, model)
+
+    # A raw ASGI endpoint (see server/frontdoors/websocket.py for why).
+    endpoint = WebSocketStream(runtime, keys, max_message_bytes)
+    app.router.routes.append(WebSocketRoute(STREAM_PATH, endpoint, name="stream"))
+
+    if WEB_DIR.is_dir():
+        app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+
+        @app.get("/", include_in_schema=False)
+        async def index() -> FileResponse:
+            return FileResponse(WEB_DIR / "index.html")
+
+    return app
