@@ -55,13 +55,19 @@ class RunStats:
             np.array([r.first_output for r in self.results if r.first_output is not None]) * 1000
         )
         ok = [r for r in self.results if r.error is None]
-        audio = sum(r.audio_seconds for r in self.results)
+        # Served audio only: a refused or failed utterance was not served,
+        # and counting it would show overload as throughput.
+        audio = sum(r.audio_seconds for r in ok)
+        refused = sum(1 for r in self.results if r.error == "RESOURCE_EXHAUSTED")
         pct = lambda a, q: round(float(np.percentile(a, q)), 2) if a.size else None
         return {
             "streams": self.streams,
             "utterances": len(self.results),
             "utterances_ok": len(ok),
             "errors": dict(Counter(r.error for r in self.results if r.error)),
+            # Streams refused at admission (RESOURCE_EXHAUSTED): the server
+            # protecting the streams it has, not a failure of theirs.
+            "refused": refused,
             "throughput_audio_s_per_s": round(audio / self.duration, 2),
             "real_time_factor": round(
                 float(np.mean([r.wall_seconds / r.audio_seconds for r in ok if r.audio_seconds])), 3

@@ -1,0 +1,242 @@
+"""End to end against the bare step, in one run on one machine: how much of
+its own compute ceiling the served system delivers, with the load generator
+on the same cores.
+
+1. The bare jitted step (no server, state donated, outputs fetched each
+   step, as the server does) at batch 8, 16, 32...: audio seconds per
+   second and CPU seconds per audio second. The ceiling is the best of them;
+   `C` = the ceiling in real-time streams.
+2. A real `sl-serve` (its own process), driven by `sl-loadtest`'s generator
+   (real-time streams, `--chunk-ms` chunks, this process):
+   (a) saturation: 1.5 C streams offered. Served audio s/s over the bare
+       step's at the mean batch the server actually ran (from its
+       `sl_tick_batch_size`), and the server process's CPU s per audio s.
+   (b) overload: 2 C offered; served audio s/s over (a)'s at C offered.
+   (c) real-time capacity: the most streams with chunk p99 < `--target-p99-ms`
+       (no errors; refusals count as errors), over C.
+3. The bare step again at the batch the server ran (the server stopped).
+
+    .venv/bin/python -m loadtests.bench_e2e --model demo-asr --chunk-blocks 4 --door ws
+
+Figures depend on the machine: compare ratios, and say which CPU (`lscpu`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtests import loadtest
+from loadtests.bench_runtime import bare_steps
+from server.defaults import BUILTIN_MODELS
+from server.model import ServableModel
+
+BIN = Path(sys.executable).parent
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bare(model: ServableModel, batch: int, chunk: int, steps: int) -> dict[str, float]:
+    """Audio s/s and CPU s per audio s of the bare step at `batch`."""
+    bare_steps(model, batch, chunk, 3)  # compile and warm
+    cpu = time.process_time()
+    times = bare_steps(model, batch, chunk, steps)
+    cpu = time.process_time() - cpu
+    audio = batch * chunk / model.sample_rate
+    return {
+        "batch": batch,
+        "step_ms_p50": round(statistics.median(times) * 1000, 3),
+        "audio_s_per_s": round(audio / statistics.median(times), 1),
+        "cpu_s_per_audio_s": round(cpu / (audio * steps), 4),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A real `sl-serve` process serving one model."""
+
+    def __init__(self, args: argparse.Namespace, max_streams: int, buckets: list[int]) -> None:
+        self.grpc_port, self.http_port = _free_port(), _free_port()
+        cmd = [
+            str(BIN / "sl-serve"),
+            "--model",
+            args.model,
+            "--chunk-blocks",
+            str(args.chunk_blocks),
+            "--max-streams",
+            str(max_streams),
+            "--buckets",
+            ",".join(map(str, buckets)),
+            "--grpc-port",
+            str(self.grpc_port),
+            "--http-port",
+            str(self.http_port),
+            *args.server_arg,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sl-serve exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            try:
+                urllib.request.urlopen(self.url("/readyz"), timeout=1)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("sl-serve was not ready in 600 s")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+    def stream_url(self, door: str) -> str:
+        if door == "grpc":
+            return f"grpc://127.0.0.1:{self.grpc_port}"
+        return f"ws://127.0.0.1:{self.http_port}"
+
+    def batch_totals(self, model: str) -> tuple[float, float]:
+        """(sum, count) of `sl_tick_batch_size` so far."""
+        text = urllib.request.urlopen(self.url("/metrics"), timeout=60).read().decode()
+        found = {}
+        for kind in ("sum", "count"):
+            m = re.search(rf'^sl_tick_batch_size_{kind}{{model="{model}"}} (\S+)$', text, re.M)
+            found[kind] = float(m.group(1)) if m else 0.0
+        return found["sum"], found["count"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def run(server: Server, args: argparse.Namespace, streams: int) -> dict[str, Any]:
+    """One load run of `streams` real-time streams: the generator's summary,
+    plus the server's CPU per served audio second and its mean batch."""
+    cpu0, (sum0, n0) = _cpu_seconds(server.proc.pid), server.batch_totals(args.model)
+    summary = asyncio.run(loadtest.run_load(args, streams, progress=False)).summary()
+    cpu1, (sum1, n1) = _cpu_seconds(server.proc.pid), server.batch_totals(args.model)
+    served = summary["throughput_audio_s_per_s"] * args.duration
+    summary["server_cpu_s_per_audio_s"] = round((cpu1 - cpu0) / served, 4) if served else None
+    summary["mean_batch"] = round((sum1 - sum0) / (n1 - n0), 2) if n1 > n0 else None
+    lat = summary["chunk_latency_ms"]
+    print(
+        f"  {streams:4d} streams: {summary['throughput_audio_s_per_s']:7.1f} audio s/s, "
+        f"p50 {lat['p50']} p99 {lat['p99']} ms, batch {summary['mean_batch']}, "
+        f"refused {summary['refused']}, errors {summary['errors']}",
+        file=sys.stderr,
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="demo-asr", choices=sorted(BUILTIN_MODELS))
+    p.add_argument("--chunk-blocks", type=int, default=4)
+    p.add_argument("--chunk-ms", type=float, default=160.0)
+    p.add_argument("--door", choices=("ws", "grpc"), default="ws")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per load run")
+    p.add_argument("--utterance-s", type=float, default=8.0)
+    p.add_argument("--batches", default="8,16,32,64", help="bare-step batch sizes")
+    p.add_argument("--steps", type=int, default=60, help="bare steps per batch size")
+    p.add_argument("--target-p99-ms", type=float, default=100.0)
+    p.add_argument("--server-arg", action="append", default=[], help="extra sl-serve argument")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    model = BUILTIN_MODELS[args.model]()
+    chunk = args.chunk_blocks * model.block_size
+    print(f"bare step, {args.model}, chunk {chunk} frames:", file=sys.stderr)
+    ceiling = [bare(model, int(b), chunk, args.steps) for b in args.batches.split(",")]
+    for row in ceiling:
+        print(f"  {row}", file=sys.stderr)
+    best = max(ceiling, key=lambda r: r["audio_s_per_s"])
+    c = max(1, int(best["audio_s_per_s"]))
+
+    # Load-generator settings `loadtest.run_load` reads.
+    gen = argparse.Namespace(
+        url="",
+        model=args.model,
+        duration=args.duration,
+        ramp_up=2.0,
+        chunk_ms=args.chunk_ms,
+        utterance_s=args.utterance_s,
+        server_chunk_blocks=args.chunk_blocks,
+        fast=False,
+        api_key=None,
+        ca_cert=None,
+        streams=max(1, c // 4),
+        max_streams=2 * c,
+        target_p99_ms=args.target_p99_ms,
+    )
+    # Slots for every stream offered (2 C), so what refuses the excess is the
+    # runtime's admission by measured capacity, not the slot count. Buckets
+    # stop doubling at 256: bigger ticks than that gain nothing on a CPU.
+    slots = 2 * c + 8
+    buckets = [b for b in (8, 16, 32, 64, 128, 256) if b < slots] + [slots]
+    server = Server(args, slots, buckets)
+    gen.url = server.stream_url(args.door)
+    result: dict[str, Any] = {"model": args.model, "door": args.door, "bare": ceiling, "C": c}
+    try:
+        print(f"served (C = {c} real-time streams):", file=sys.stderr)
+        run(server, gen, max(1, c // 4))  # warm-up: connections, first ticks
+        at_c = run(server, gen, c)
+        sat = run(server, gen, int(1.5 * c))
+        over = run(server, gen, 2 * c)
+        print("real-time capacity:", file=sys.stderr)
+        capacity, sweep = asyncio.run(loadtest.find_capacity(gen))
+    finally:
+        server.stop()
+    batch = max(1, round(sat["mean_batch"] or 1))
+    at_batch = bare(model, batch, chunk, args.steps)
+    print(f"bare step at the served batch: {at_batch}", file=sys.stderr)
+    result.update(
+        at_capacity=at_c,
+        saturation=sat,
+        overload=over,
+        bare_at_served_batch=at_batch,
+        realtime_capacity=capacity,
+        sweep=sweep,
+        a_served_over_bare=round(sat["throughput_audio_s_per_s"] / at_batch["audio_s_per_s"], 3),
+        a_cpu_server_over_bare=(
+            round(sat["server_cpu_s_per_audio_s"] / at_batch["cpu_s_per_audio_s"], 2)
+            if sat["server_cpu_s_per_audio_s"]
+            else None
+        ),
+        b_overload_over_capacity=round(
+            over["throughput_audio_s_per_s"] / max(at_c["throughput_audio_s_per_s"], 1e-9), 3
+        ),
+        c_realtime_capacity_over_ceiling=round(capacity / c, 3),
+    )
+    keys = [k for k in result if k[:2] in ("a_", "b_", "c_")]
+    print(json.dumps({k: result[k] for k in keys}, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    sys.exit(main())
