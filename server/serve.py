@@ -82,6 +82,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     server = dataclasses.asdict(
         merge(ServerSettings, file.server if file else {}, flag_values(args, ServerSettings))
     )
+    enable_compile_cache(server["compile_cache_dir"])  # before models: they read it too
     flag_knobs = flag_values(args, SchedulerConfig)
     defaults = file.defaults if file else {}
     models: dict[str, ServableModel] = {}
