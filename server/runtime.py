@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,7 +44,9 @@ class Runtime:
             self.schedulers[name] = Scheduler(model, cfg, stats_sink=stats_sink)
         self.draining = False
 
-    def start(self, on_ready: Callable[[str], None] | None = None) -> None:
+    def start(
+        self, on_ready: Callable[[str], None] | None = None, ready_first: bool = False
+    ) -> None:
         """Compiles every model's ticks; each model serves as soon as its own
         programs are ready (`on_ready(name)` is called then), and `ready` is
         True once all are.
@@ -51,11 +54,16 @@ class Runtime:
         Models compile two at a time, fewest parameters first: XLA releases
         the GIL while it compiles, so a second core halves a cold start, and
         small models (logmel: seconds) do not wait behind big ones.
+
+        With `ready_first`, a model is ready once it can serve any batch
+        (`Scheduler.start`); its other buckets compile on one background
+        thread after every model is ready.
         """
         order = sorted(self.schedulers, key=lambda n: self.schedulers[n].model.parameter_count)
 
         def start_one(name: str) -> None:
-            self.schedulers[name].start()
+            scheduler = self.schedulers[name]
+            scheduler.start(ready_first=True) if ready_first else scheduler.start()
             if on_ready is not None and self.schedulers[name].ready:
                 on_ready(name)
 
@@ -63,6 +71,9 @@ class Runtime:
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
             for future in [pool.submit(start_one, name) for name in order]:
                 future.result()
+        if ready_first:
+            rest = lambda: [self.schedulers[name].compile_remaining() for name in order]
+            threading.Thread(target=rest, name="compile-rest", daemon=True).start()
 
     @property
     def ready(self) -> bool:

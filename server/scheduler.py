@@ -23,8 +23,8 @@ asyncio loop.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
+import functools
 import gc
 import itertools
 import logging
@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from server.errors import DeadlineExceeded, ModelLoadError, ResourceExhausted, Unavailable
 from server.model import ModelInfo, ServableModel, round_up
-from server.programs import LayerProgram, export_in_memory
+from server.programs import LayerProgram, TickPrograms, export_in_memory
 from server.session import Session
 from server.settings import knob
 from server.stats import StreamStats, TickStats
@@ -143,10 +143,12 @@ class Scheduler:
 
     # Lifecycle ---------------------------------------------------------------
 
-    def start(self) -> None:
-        """Allocates device state, compiles every bucket, starts the tick thread."""
+    def start(self, ready_first: bool = False) -> None:
+        """Allocates device state, compiles every bucket (with `ready_first`:
+        those it needs to serve any batch, see `compile_remaining`), starts
+        the tick thread."""
         self._build_state()
-        self._compile()
+        self._compile(ready_first)
         if self._stopping:  # stopped while compiling: never start ticking
             return
         self._warm_up()
@@ -365,12 +367,10 @@ class Scheduler:
 
         return on_leaves(partial_tick), on_leaves(full_tick), reset_leaves
 
-    def _compile(self) -> None:
-        """Lowers every program (Python, holds the GIL: cheap since the step
-        is traced once), then compiles them two at a time: XLA compiles, and
-        reads compiled programs back from the persistent cache, without the
-        GIL. A warm start of demo-asr spent most of its time there, one
-        program after another."""
+    def _compile(self, ready_first: bool = False) -> None:
+        """Compiles the tick programs (`server.programs.TickPrograms`): all of
+        them, or with `ready_first` only those the model needs to serve any
+        batch; `compile_remaining()` adds the others later."""
         spec = self.model.input_spec
         out = (self._state_sharding, None, None) if self._state_sharding else None
         partial_tick, full_tick, reset_slot = self._tick_fns()
@@ -381,45 +381,40 @@ class Scheduler:
         n = self.config.max_streams
         full = jax.jit(full_tick, donate_argnums=(1,), out_shardings=out)
         reset = jax.jit(reset_slot, donate_argnums=(0,), out_shardings=self._state_sharding)
-        lowered: dict[Any, tuple[Any, float]] = {}
-        for bucket in self.buckets:
-            start = time.perf_counter()
-            args = (
-                self._var_leaves,
-                self.state,
-                jax.ShapeDtypeStruct((bucket,), jnp.int32),
-                x_spec(bucket),
-                lengths_spec(bucket),
-            )
-            lowered[bucket] = (partial.lower(*args), time.perf_counter() - start)
-        start = time.perf_counter()
-        lowered["full"] = (
-            full.lower(self._var_leaves, self.state, x_spec(n), lengths_spec(n)),
-            time.perf_counter() - start,
+        slot_ids = lambda b: jax.ShapeDtypeStruct((b,), jnp.int32)
+        # Lowering reads only shapes and shardings: a later lowering may get
+        # these arrays after a tick has donated them.
+        v, st = self._var_leaves, self.state
+        lowerers: dict[Any, Callable[[], Any]] = {
+            b: functools.partial(partial.lower, v, st, slot_ids(b), x_spec(b), lengths_spec(b))
+            for b in self.buckets
+        }
+        lowerers["full"] = lambda: full.lower(v, st, x_spec(n), lengths_spec(n))
+        lowerers["reset"] = lambda: reset.lower(st, jax.ShapeDtypeStruct((), jnp.int32))
+        self._programs = TickPrograms(
+            lowerers, self.buckets, self.compile_seconds, lambda: self._stopping
         )
-        start = time.perf_counter()
-        lowered["reset"] = (
-            reset.lower(self.state, jax.ShapeDtypeStruct((), jnp.int32)),
-            time.perf_counter() - start,
-        )
-
-        def compile_one(key: Any) -> Any:
-            if self._stopping:  # a signal during start-up: stop compiling
-                return None
-            start = time.perf_counter()
-            program, lower_seconds = lowered[key]
-            compiled = program.compile()
-            self.compile_seconds[key] = lower_seconds + time.perf_counter() - start
-            return compiled
-
-        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="xla-compile") as pool:
-            compiled = dict(zip(lowered, pool.map(compile_one, lowered), strict=True))
-        self._compiled = {b: compiled[b] for b in self.buckets}
-        self._full, self._reset = compiled["full"], compiled["reset"]
+        self._compiled = self._programs.compiled
+        first = self._programs.first_keys() if ready_first else self._programs.pending()
+        self._programs.compile(first)
+        if self._stopping:
+            return
+        self._full, self._reset = self._compiled["full"], self._compiled["reset"]
         # The metric's "full" bucket counts the full tick and the reset together.
-        self.compile_seconds["full"] = self.compile_seconds.get("full", 0.0) + (
-            self.compile_seconds.pop("reset", 0.0)
-        )
+        self.compile_seconds["full"] += self.compile_seconds.pop("reset", 0.0)
+
+    def compile_remaining(self) -> None:
+        """Compiles the buckets `start(ready_first=True)` left out, one at a
+        time, each warmed up on a scratch state before ticks may use it."""
+
+        def warm_up(bucket: Any, compiled: Any) -> None:
+            spec = self.model.input_spec
+            x = np.zeros((bucket, self.chunk_frames, *spec.shape), spec.dtype)
+            slots = np.full((bucket,), self.padding_slot, np.int32)
+            lengths = np.zeros((bucket,), np.int32)
+            jax.block_until_ready(compiled(self._var_leaves, self._make_state(), slots, x, lengths))
+
+        self._programs.compile(self._programs.pending(), warm_up=warm_up, workers=1)
 
     def _warm_up(self) -> None:
         """Runs every compiled program once: first executions allocate the
@@ -433,7 +428,9 @@ class Scheduler:
         """
         spec = self.model.input_spec
         full = np.arange(self.config.max_streams, dtype=np.int32)
-        padding = [np.full((b,), self.padding_slot, np.int32) for b in self.buckets]
+        padding = [
+            np.full((b,), self.padding_slot, np.int32) for b in self._compiled if b in self.buckets
+        ]
         for slots in [*padding, full]:
             b = slots.shape[0]
             x = np.zeros((b, self.chunk_frames, *spec.shape), spec.dtype)
@@ -498,7 +495,7 @@ class Scheduler:
         batch.sort(key=_slot_of)
         n = len(batch)
         full = n == self.config.max_streams
-        bucket = n if full else next(b for b in self.buckets if b >= n)
+        bucket = n if full else self._programs.bucket_for(n)
         buffers = self._staging(bucket)
         x, slots, taken = buffers.x, buffers.slots, buffers.taken
         new_streams = []

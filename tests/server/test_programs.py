@@ -335,3 +335,71 @@ def test_variable_shapes_come_back_from_the_cache(
     for a, b in zip(jax.tree.leaves(cached), jax.tree.leaves(fresh), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
+
+
+# Ready first: a model serves once its largest bucket is compiled.
+
+
+class _FakeLowered:
+    def __init__(self, key: object, log: list[object]) -> None:
+        self.key, self.log = key, log
+
+    def compile(self) -> str:
+        self.log.append(("compile", self.key))
+        return f"program {self.key}"
+
+
+def test_tick_programs_serve_any_batch_from_the_first_keys() -> None:
+    log: list[object] = []
+    keys: list[object] = [1, 2, 4, "full", "reset"]
+    lowerers = {k: (lambda k=k: _FakeLowered(k, log)) for k in keys}
+    seconds: dict[object, float] = {}
+    ticks = programs.TickPrograms(lowerers, [4, 1, 2], seconds)  # type: ignore[arg-type]
+    assert ticks.first_keys() == [4, "full", "reset"]
+    ticks.compile(ticks.first_keys())
+    assert set(ticks.compiled) == {4, "full", "reset"} == set(seconds)
+    assert [ticks.bucket_for(n) for n in (1, 2, 3, 4)] == [4, 4, 4, 4]
+    assert ticks.pending() == [1, 2]  # smallest first
+    # A program is published only after its warm-up.
+    warmed = []
+
+    def warm_up(key: object, compiled: str) -> None:
+        assert key not in ticks.compiled and compiled == f"program {key}"
+        warmed.append(key)
+
+    ticks.compile(ticks.pending(), warm_up=warm_up, workers=1)
+    assert warmed == [1, 2] and not ticks.pending()
+    assert [ticks.bucket_for(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 4]
+    # Stopping leaves the rest pending.
+    stopped = programs.TickPrograms(lowerers, [1, 2, 4], {}, stopping=lambda: True)  # type: ignore[arg-type]
+    stopped.compile(stopped.first_keys())
+    assert stopped.compiled == {}
+
+
+def test_scheduler_ready_first_streams_like_offline_before_and_after(tmp_path: Path) -> None:
+    model = _custom_model(tmp_path)
+    sched = Scheduler(model, SchedulerConfig(max_streams=4, chunk_blocks=2, buckets=(1, 2, 4)))
+    sched.start(ready_first=True)
+    rng = np.random.default_rng(6)
+    inputs = [rng.normal(size=(n, 2)).astype(np.float32) for n in (5, 23)]
+
+    async def stream_all() -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        streams = [
+            drive(lambda: sched.open_stream(loop), x, rng, 5, model.output_spec.shape)
+            for x in inputs
+        ]
+        return [y for y, _ in await asyncio.gather(*streams)]
+
+    try:
+        assert sched.ready and set(sched.compile_seconds) == {4, "full"}
+        assert sched._programs.bucket_for(1) == 4  # two streams pad to the largest bucket
+        for x, y in zip(inputs, asyncio.run(stream_all()), strict=True):
+            testing.assert_allclose(y, model.offline(x))
+        sched.compile_remaining()
+        assert set(sched.compile_seconds) == {1, 2, 4, "full"}
+        assert sched._programs.bucket_for(1) == 1
+        for x, y in zip(inputs, asyncio.run(stream_all()), strict=True):
+            testing.assert_allclose(y, model.offline(x))
+    finally:
+        sched.stop()
