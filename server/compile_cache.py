@@ -7,9 +7,14 @@ unchanged models and the same jax/jaxlib reads the compiled executables back
 instead. Entries are keyed by the program, the compile options, the device
 and the jax version, so a stale entry is never used, only missed.
 
+The same directory holds, under `sl-traced/`, what start-up traced from
+the models' layer code (each model's exported step, its variable shapes),
+so a warm start does not run the layer code's Python at all (see "Traced
+artifacts" below).
+
 The directory: `--compile-cache-dir`, else `$SL_COMPILE_CACHE_DIR`, else
 `$XDG_CACHE_HOME/sequence-layers-serving/jax` (`~/.cache/...`). `off`
-disables it. In Docker and Kubernetes mount a volume there to share it
+disables both. In Docker and Kubernetes mount a volume there to share it
 across restarts.
 """
 
@@ -124,6 +129,8 @@ def trace_key(config: Any, *parts: Any) -> str | None:
     names code with no source file or a closure we cannot see into)."""
     from sequence_layers import serialization
 
+    if config is None:  # a layer not made from a config: nothing to key it by
+        return None
     try:
         text = serialization.dumps(config)
         sources = sorted(_foreign_sources(config, set()))

@@ -296,6 +296,7 @@ def test_configs_the_key_cannot_see_into_are_not_cached() -> None:
     activation = sl.serialization.from_dict({**doc, "config": {"callable": "test_only.scaled"}})
     assert compile_cache.trace_key(sl.Dense.Config(4, activation=activation)) is None
     assert compile_cache.trace_key(sl.Dense.Config(4)) is not None
+    assert compile_cache.trace_key(None) is None
 
 
 def test_damaged_entries_are_traced_again(
