@@ -214,6 +214,7 @@ def write_traced(kind: str, key: str | None, payload: bytes) -> None:
     path = _traced_path(kind, key) if key else None
     if path is None:
         return
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -222,3 +223,5 @@ def write_traced(kind: str, key: str | None, payload: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         log.warning("traced cache: cannot write %s (%s)", path, e)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
