@@ -391,9 +391,7 @@ class Scheduler:
         }
         lowerers["full"] = lambda: full.lower(v, st, x_spec(n), lengths_spec(n))
         lowerers["reset"] = lambda: reset.lower(st, jax.ShapeDtypeStruct((), jnp.int32))
-        self._programs = TickPrograms(
-            lowerers, self.buckets, self.compile_seconds, lambda: self._stopping
-        )
+        self._programs = TickPrograms(lowerers, self.buckets, {}, lambda: self._stopping)
         self._compiled = self._programs.compiled
         first = self._programs.first_keys() if ready_first else self._programs.pending()
         self._programs.compile(first)
@@ -401,7 +399,10 @@ class Scheduler:
             return
         self._full, self._reset = self._compiled["full"], self._compiled["reset"]
         # The metric's "full" bucket counts the full tick and the reset together.
-        self.compile_seconds["full"] += self.compile_seconds.pop("reset", 0.0)
+        # Replaced, never updated in place: /metrics reads it from another thread.
+        seconds = dict(self._programs.seconds)
+        seconds["full"] += seconds.pop("reset", 0.0)
+        self.compile_seconds = seconds
 
     def compile_remaining(self) -> None:
         """Compiles the buckets `start(ready_first=True)` left out, one at a
@@ -413,6 +414,7 @@ class Scheduler:
             slots = np.full((bucket,), self.padding_slot, np.int32)
             lengths = np.zeros((bucket,), np.int32)
             jax.block_until_ready(compiled(self._var_leaves, self._make_state(), slots, x, lengths))
+            self.compile_seconds = {**self.compile_seconds, bucket: self._programs.seconds[bucket]}
 
         self._programs.compile(self._programs.pending(), warm_up=warm_up, workers=1)
 
