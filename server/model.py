@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sequence_layers as sl
+from server import compile_cache
 from server.errors import ModelLoadError
 from server.programs import (
     ExportedProgram,
@@ -236,26 +237,66 @@ def init_variables(
     ~1 s of XLA compilation per layer on CPU (30 s for the demo models), and
     NumPy's stream is stable across JAX versions.
     """
-    layer = config.make()
-    block = max(layer.block_size, 1)
-    # Token models (input_dtype int32, e.g. an Embedding first) need int ids.
-    dtype = jnp.int32 if input_dtype == "int32" else jnp.float32
-    x = sl.Sequence.from_values(jnp.zeros((1, block * 2, *input_shape), dtype))
-    shapes = jax.eval_shape(lambda: layer.init(jax.random.PRNGKey(0), x, training=False))
+    shapes = variable_shapes(config, input_shape, input_dtype)
     rng = np.random.default_rng(seed)
 
-    def fill(path: Any, spec: jax.ShapeDtypeStruct) -> jax.Array:
+    def fill(path: Any, spec: jax.ShapeDtypeStruct) -> np.ndarray:
         name = jax.tree_util.keystr(path[-1:]).lower()
         shape = tuple(spec.shape)
         if "bias" in name or "offset" in name or not shape:
-            return jnp.zeros(shape, spec.dtype)
+            return np.zeros(shape, spec.dtype)
         if "scale" in name or "gamma" in name:
-            return jnp.ones(shape, spec.dtype)
+            return np.ones(shape, spec.dtype)
         fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
         values = rng.standard_normal(shape, np.float32) / np.sqrt(max(fan_in, 1))
-        return jnp.asarray(values, spec.dtype)
+        # Through float32 first, as `jnp.asarray(values, dtype)` rounds.
+        return values.astype(np.float32).astype(spec.dtype)
 
-    return dict(jax.tree_util.tree_map_with_path(fill, shapes))
+    # Filled on the host, then one transfer: an XLA op per leaf (jnp.zeros,
+    # jnp.asarray) cost demo-asr 0.5 s of its start-up for 180 leaves.
+    return dict(jax.device_put(jax.tree_util.tree_map_with_path(fill, shapes)))
+
+
+def variable_shapes(
+    config: sl.SequenceLayerConfig, input_shape: tuple[int, ...], input_dtype: str = "float32"
+) -> Any:
+    """The variables `config`'s layer creates for this input, as a tree of
+    `jax.ShapeDtypeStruct`: its `init`, traced (not run). With the
+    compilation cache on, kept there (demo-asr: 1 CPU s of tracing)."""
+    dtype = jnp.int32 if input_dtype == "int32" else jnp.float32
+    shape = tuple(int(d) for d in input_shape)
+    key = compile_cache.trace_key(config, "variables", shape, str(jnp.dtype(dtype)))
+    payload = compile_cache.read_traced("variables", key)
+    if payload is not None:
+        try:
+            return _shapes_from_json(json.loads(payload))
+        except (ValueError, TypeError, KeyError) as e:
+            log.warning("traced cache: unreadable variable shapes (%s); tracing instead", e)
+    layer = config.make()
+    block = max(layer.block_size, 1)
+    # Token models (input_dtype int32, e.g. an Embedding first) need int ids.
+    x = sl.Sequence.from_values(jnp.zeros((1, block * 2, *shape), dtype))
+    shapes = jax.eval_shape(lambda: layer.init(jax.random.PRNGKey(0), x, training=False))
+    encoded = _shapes_to_json(shapes)
+    if key is not None and encoded is not None:
+        compile_cache.write_traced("variables", key, json.dumps(encoded).encode())
+    return shapes
+
+
+def _shapes_to_json(tree: Any) -> Any:
+    """Nested str-keyed dicts of shapes as JSON, or None for anything else."""
+    if isinstance(tree, jax.ShapeDtypeStruct):
+        return {"shape": list(tree.shape), "dtype": str(tree.dtype)}
+    if not isinstance(tree, dict) or not all(isinstance(k, str) for k in tree):
+        return None
+    out = {k: _shapes_to_json(v) for k, v in tree.items()}
+    return None if any(v is None for v in out.values()) else {"tree": out}
+
+
+def _shapes_from_json(data: Any) -> Any:
+    if "tree" in data:
+        return {k: _shapes_from_json(v) for k, v in data["tree"].items()}
+    return jax.ShapeDtypeStruct(tuple(data["shape"]), jnp.dtype(data["dtype"]))
 
 
 # Model directories ---------------------------------------------------------
@@ -399,9 +440,7 @@ def _restore_params(params_path: Path, model: ServableModel) -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
     if model.config is not None:
-        expected = jax.eval_shape(
-            lambda: init_variables(model.config, model.input_shape, input_dtype=model.input_dtype)
-        )
+        expected = variable_shapes(model.config, model.input_shape, model.input_dtype)
         if not _leaf_count(expected):
             return {}
     elif not params_path.exists() and not model.program.variable_specs:  # type: ignore[union-attr]

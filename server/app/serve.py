@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -115,6 +116,7 @@ async def serve(args: argparse.Namespace) -> int:
     )
     if compile_task.done():
         compile_task.result()
+        gc.enable()  # off while starting (see main)
         await grpc_server.set_serving(True)
         log.info(
             "ready in %.1f s: grpc %s:%d, http %s:%d",
@@ -154,10 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
+        # The collector stays off until the models are ready: building and
+        # compiling them makes millions of short-lived objects, and its
+        # passes cost 1-2.5 s of a warm start (peak memory is the same).
+        gc.disable()
         return asyncio.run(serve(args))
     except (ModelLoadError, ConfigFileError, OSError, ValueError) as e:
         print(f"sl-serve: {e}", file=sys.stderr)
         return 2
+    finally:
+        gc.enable()
 
 
 if __name__ == "__main__":

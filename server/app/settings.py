@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from server.app.config_file import load_config_file, scheduler_config
+from server.compile_cache import enable_compile_cache
 from server.defaults import BUILTIN_MODELS, DOWNLOADED_MODELS
 from server.errors import ModelLoadError
 from server.model import ServableModel, load_model_dir
@@ -54,6 +55,9 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     server = dataclasses.asdict(
         merge(ServerSettings, file.server if file else {}, flag_values(args, ServerSettings))
     )
+    # Before the models are built: building reads their traced programs and
+    # parameter shapes back from this cache.
+    enable_compile_cache(server["compile_cache_dir"])
     flag_knobs = flag_values(args, SchedulerConfig)
     defaults = file.defaults if file else {}
     models: dict[str, ServableModel] = {}

@@ -5,6 +5,7 @@ broken artifacts give clear errors or a logged fall-back to the code."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -12,16 +13,18 @@ import textwrap
 from pathlib import Path
 from types import ModuleType
 
+import jax
 import numpy as np
 import pytest
 
 import sequence_layers as sl
 from clients.client import AsyncGrpcClient, AsyncWebSocketClient, chunked, collect
 from sequence_layers import testing
+from server import compile_cache, programs
 from server.app.cli import models_main
 from server.errors import ModelLoadError
 from server.model import ServableModel, init_variables, load_model_dir, save_model_dir
-from server.programs import ExportedProgram, LayerProgram
+from server.programs import ExportedProgram, LayerProgram, export_in_memory
 from server.runtime import Engine, SchedulerConfig
 from tests.server.serving import running_server
 from tests.server.streaming import drive
@@ -216,3 +219,132 @@ def test_server_without_the_layer_code_serves_exported_programs(tmp_path: Path) 
         via_grpc, via_ws = asyncio.run(both())
     testing.assert_allclose(via_grpc, expected)
     testing.assert_allclose(via_ws, expected)
+
+
+# The traced cache: a warm start reads the exported step back instead of
+# tracing the layer code; a changed layer never loads a stale one.
+
+
+@pytest.fixture
+def traced_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "traced"
+    monkeypatch.setattr(compile_cache, "traced_dir", directory)
+    return directory
+
+
+def _step_outputs(program: ExportedProgram, model: ServableModel) -> list[np.ndarray]:
+    x = np.random.default_rng(3).normal(size=(2, model.block_size, 2)).astype(np.float32)
+    mask = np.array([[True] * model.block_size, [False] * model.block_size])
+    state = program.initial_state(model.variables, 2)
+    state, y, y_mask = program.step(model.variables, state, x * mask[..., None], mask)
+    return [np.asarray(a) for a in (*state, y, y_mask)]
+
+
+def test_warm_export_reads_the_step_back_without_tracing(
+    tmp_path: Path, traced_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _custom_model(tmp_path)
+    fresh = export_in_memory(model.layer, model.variables, model.input_spec)
+    (entry,) = traced_cache.glob("export-*.bin")
+    # The layer code is not traced again: a second export must come from disk.
+    monkeypatch.setattr(programs, "_export", lambda *a: pytest.fail("traced again"))
+    cached = export_in_memory(model.layer, model.variables, model.input_spec)
+    assert cached.step_artifact.serialize() == fresh.step_artifact.serialize()
+    assert cached.signature == fresh.signature
+    for a, b in zip(_step_outputs(cached, model), _step_outputs(fresh, model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Other variables (a wider conv) are another key: traced, not the stale entry.
+    monkeypatch.undo()
+    monkeypatch.setattr(compile_cache, "traced_dir", traced_cache)
+    config = dataclasses.replace(
+        model.config,
+        layers=(sl.Conv1D.Config(5, 3, padding="reverse_causal"), *model.config.layers[1:]),
+    )
+    other = ServableModel("other", config, init_variables(config, (2,)), (2,))
+    export_in_memory(other.layer, other.variables, other.input_spec)
+    assert len(list(traced_cache.glob("export-*.bin"))) == 2 and entry.exists()
+
+
+def test_changed_code_is_a_new_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _custom_model(tmp_path)
+    key = compile_cache.trace_key(model.config, "x")
+    assert key is not None and compile_cache.trace_key(model.config, "x") == key
+    assert compile_cache.trace_key(model.config, "y") != key
+    # The custom layer's module is outside the library: its source is in the key.
+    source = Path(sys.modules["custom_layers_only_here"].__file__ or "")
+    text = source.read_text()
+    source.write_text(text + "\n# edited\n")
+    try:
+        assert compile_cache.trace_key(model.config, "x") != key
+    finally:
+        source.write_text(text)
+    assert compile_cache.trace_key(model.config, "x") == key
+    # An edit to the library (or a jax upgrade) changes its fingerprint.
+    monkeypatch.setattr(compile_cache, "library_fingerprint", lambda: "edited")
+    assert compile_cache.trace_key(model.config, "x") != key
+    # A trace-time setting too.
+    monkeypatch.undo()
+    with jax.default_matmul_precision("bfloat16"):
+        assert compile_cache.trace_key(model.config, "x") != key
+
+
+def test_configs_the_key_cannot_see_into_are_not_cached() -> None:
+    # A registered callable closing over a value: the key cannot see `scale`.
+    scale = 3.0
+    sl.serialization.register_callable("test_only.scaled", lambda x: x * scale)
+    doc = {"format": "sequence_layers.config", "version": 1}
+    activation = sl.serialization.from_dict({**doc, "config": {"callable": "test_only.scaled"}})
+    assert compile_cache.trace_key(sl.Dense.Config(4, activation=activation)) is None
+    assert compile_cache.trace_key(sl.Dense.Config(4)) is not None
+    assert compile_cache.trace_key(None) is None
+
+
+def test_damaged_entries_are_traced_again(
+    tmp_path: Path, traced_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _custom_model(tmp_path)
+    expected = _step_outputs(
+        export_in_memory(model.layer, model.variables, model.input_spec), model
+    )
+    (entry,) = traced_cache.glob("export-*.bin")
+    key = entry.name.removeprefix("export-").removesuffix(".bin")
+    good = entry.read_bytes()
+    for damage in (good[:-100], good[:40] + bytes([good[40] ^ 1]) + good[41:], b"junk"):
+        entry.write_bytes(damage)
+        again = export_in_memory(model.layer, model.variables, model.input_spec)
+        for a, b in zip(_step_outputs(again, model), expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert "is damaged; tracing instead" in caplog.text
+        assert compile_cache.read_traced("export", key) is not None  # rewritten whole
+        caplog.clear()
+    # A sound entry that does not deserialize: logged, traced, rewritten.
+    compile_cache.write_traced("export", key, bytes(8) + b"not a flatbuffer")
+    export_in_memory(model.layer, model.variables, model.input_spec)
+    assert "unreadable exported step" in caplog.text
+    assert len(compile_cache.read_traced("export", key) or b"") > 1000
+
+
+def test_variable_shapes_come_back_from_the_cache(
+    tmp_path: Path, traced_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _custom_model(tmp_path).config
+    fresh = init_variables(config, (2,), seed=7)
+    assert len(list(traced_cache.glob("variables-*.bin"))) == 1
+    monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: pytest.fail("traced again"))
+    cached = init_variables(config, (2,), seed=7)
+    assert jax.tree.structure(cached) == jax.tree.structure(fresh)
+    for a, b in zip(jax.tree.leaves(cached), jax.tree.leaves(fresh), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+# Ready first: a model serves once its largest bucket is compiled.
+
+
+class _FakeLowered:
+    def __init__(self, key: object, log: list[object]) -> None:
+        self.key, self.log = key, log
+
+    def compile(self) -> str:
+        self.log.append(("compile", self.key))
+        return f"program {self.key}"
