@@ -41,6 +41,12 @@ class KVCacheSelfAttention(common.HeadsOutput, Emitting):
     with a band mask, then keeps the last `W` physical frames. With a future
     horizon F > 0 queries wait F frames in the delay buffer, so input and output
     latency are both F and the first F step outputs are invalid.
+
+    Without relative positions or sinks the window is kept as a ring buffer
+    instead, head-major with one spare slot (`keys`/`values`
+    `[b, kv_heads, R = W + 1, u]`, `kv_mask [b, R]`): frame `t` lives in slot
+    `t % R` (see `_attend_ring`). Same visible frames, same outputs; emitted
+    step probabilities list the cache in slot order.
     """
 
     config: Any
@@ -144,6 +150,25 @@ class KVCacheSelfAttention(common.HeadsOutput, Emitting):
         return {0: (start, end)}
 
     @property
+    def _ring_cache(self) -> bool:
+        """Whether `step` keeps the KV cache as a head-major ring buffer.
+
+        Shifting a sliding window copies the whole cache each step, and the
+        attention dots then read it through a transposed copy: three passes
+        over K and V per step (with the state donated). The ring buffer's
+        dots read the cache in place and the write is one fused select.
+        Relative positions and sinks keep the sliding window, whose keys are
+        in time order.
+        """
+        cfg = self.config
+        return not (
+            cfg.use_kv_cache_ringbuffer
+            or cfg.relative_position_embedding is not None
+            or getattr(cfg, "num_sink_embeddings", 0) > 0
+            or getattr(cfg, "use_sink_scalars", False)
+        )
+
+    @property
     def _query_delay(self) -> int:
         """Frames queries wait in the delay buffer."""
         return max(0, self.config.max_future_horizon)
@@ -165,6 +190,9 @@ class KVCacheSelfAttention(common.HeadsOutput, Emitting):
         dtype = self.get_output_dtype(input_spec.dtype)
         w, future = self._window, self._query_delay
         kv_shape = (batch_size, w, self._num_kv_heads, cfg.units_per_head)
+        if self._ring_cache:
+            w += 1  # one spare slot: a single frame is written before it is attended
+            kv_shape = (batch_size, self._num_kv_heads, w, cfg.units_per_head)
         # Zeros with an all-False mask: nothing before the stream is visible.
         keys = jnp.zeros(kv_shape, dtype)
         values = jnp.zeros(kv_shape, dtype)
@@ -278,7 +306,16 @@ class KVCacheSelfAttention(common.HeadsOutput, Emitting):
             q = Sequence(queue.values[:, :n], queue.mask[:, :n])
             delay = Sequence(queue.values[:, -future:], queue.mask[:, -future:])
 
-        if cfg.use_kv_cache_ringbuffer:
+        if self._ring_cache:
+            context, probs, keys_cache, values_cache, kv_mask = _attend_ring(
+                self,
+                q.values,
+                (new_keys, new_values, new_kv_mask),
+                (keys_cache, values_cache, kv_mask),
+                time_step,
+                training=training,
+            )
+        elif cfg.use_kv_cache_ringbuffer:
             if n != 1:
                 raise ValueError(
                     f"{type(self).__name__} with use_kv_cache_ringbuffer=True steps exactly one "
@@ -331,6 +368,120 @@ class KVCacheSelfAttention(common.HeadsOutput, Emitting):
         )
         y = Sequence(context.astype(self.get_output_dtype(x.dtype)), q.mask)
         return y, new_state, self._emits(Sequence(probs, q.mask))
+
+
+def _attend_ring(
+    module: KVCacheSelfAttention,
+    queries: jax.Array,
+    block: tuple[jax.Array, jax.Array, jax.Array],
+    cache: tuple[jax.Array, jax.Array, jax.Array],
+    time_step: jax.Array,
+    *,
+    training: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One step of attention over a ring-buffer KV cache.
+
+    A single frame is written into the ring first and the ring alone is
+    attended: the spare slot keeps every frame the query may see, the write
+    is one select XLA does in place on the donated cache, and the dots read
+    the result directly. (With the window shifted instead, each step copied K
+    and V three times: the donated input, the concatenation transposed for
+    the dots, the shifted window.) A longer block could overwrite frames its
+    first queries still see, so it is attended as a second part of the same
+    softmax and written afterwards.
+
+    Args:
+      queries: `[b, n, heads, u]` (already delayed by F frames).
+      block: the block's keys and values `[b, n, kv_heads, u]` and mask `[b, n]`.
+      cache: keys and values `[b, kv_heads, R, u]` and mask `[b, R]`; slot `s`
+        holds the latest frame `t < time_step` with `t % R == s`.
+      time_step: `[b]` absolute time of the block's first frame.
+
+    Returns:
+      context `[b, n, heads, u]`, probabilities `[b, n, heads, R (+ n)]`
+      (ring slots, then the block when n > 1) and the updated cache.
+    """
+    cfg = module.config
+    keys_cache, values_cache, kv_mask = cache
+    new_keys, new_values, new_mask = block
+    b, n, heads, units = queries.shape
+    kv_heads, ring = keys_cache.shape[1], keys_cache.shape[2]
+    group = heads // kv_heads
+    options = common.AttentionOptions.from_config(cfg)
+    dtype = common.promoted_dtype(
+        queries.dtype, keys_cache.dtype, compute_dtype=options.compute_dtype
+    )
+    new_k = jnp.swapaxes(new_keys, 1, 2)  # [b, kv_heads, n, u]
+    new_v = jnp.swapaxes(new_values, 1, 2)
+    t0 = time_step[:, None]
+    slots = jnp.arange(ring)[None, :]
+
+    def write(keys: jax.Array, values: jax.Array, mask: jax.Array) -> tuple[jax.Array, ...]:
+        # Slot s gets the block's last frame j with (time_step + j) % R == s, if any.
+        last = n - 1 - jnp.mod(t0 + n - 1 - slots, ring)  # [b, R]
+        written, index = last >= 0, jnp.clip(last, 0, n - 1)
+
+        def put(cached: jax.Array, new: jax.Array) -> jax.Array:
+            picked = jnp.take_along_axis(new, index[:, None, :, None], axis=2)
+            return jnp.where(written[:, None, :, None], picked.astype(cached.dtype), cached)
+
+        new_mask_at = jnp.take_along_axis(new_mask, index, axis=1)
+        return put(keys, new_k), put(values, new_v), jnp.where(written, new_mask_at, mask)
+
+    if n == 1:
+        keys_cache, values_cache, kv_mask = write(keys_cache, values_cache, kv_mask)
+        parts = [(keys_cache, values_cache)]
+        # Slot s now holds time_step - ((time_step - s) mod R).
+        key_time = t0 - jnp.mod(t0 - slots, ring)
+        valid = kv_mask
+    else:
+        parts = [(keys_cache, values_cache), (new_k, new_v)]
+        slot_time = t0 - 1 - jnp.mod(t0 - 1 - slots, ring)
+        key_time = jnp.concatenate([slot_time, t0 + jnp.arange(n)[None, :]], axis=1)
+        valid = jnp.concatenate([kv_mask, new_mask], axis=1)
+    frames = key_time.shape[1]
+
+    queries = common.scale_queries(
+        queries.astype(dtype), module._per_dim_scale, options.query_scale
+    )
+    # (batch, kv head) folded into one leading batch axis, as `common` does.
+    qf = queries.reshape(b, n, kv_heads, group, units).transpose(0, 2, 3, 1, 4)
+    qf = qf.reshape(b * kv_heads, group * n, units)
+
+    def folded(a: jax.Array) -> jax.Array:
+        return a.astype(dtype).reshape(b * kv_heads, a.shape[2], units)
+
+    logits = jnp.concatenate(
+        [
+            jnp.einsum(
+                "xqu,xsu->xqs",
+                qf,
+                folded(common.scale_keys(k, module._per_dim_key_scale)),
+                precision=options.precision,
+            )
+            for k, _ in parts
+        ],
+        axis=-1,
+    ).reshape(b, heads, n, frames)
+    logits = common.soft_cap(logits, options.soft_cap)
+    # Query i is at time_step - F + i; key k is visible iff -P <= k - q <= F.
+    query_time = t0 - module._query_delay + jnp.arange(n)[None, :]
+    offset = key_time[:, None, :] - query_time[:, :, None]  # [b, n, keys]
+    past, future = max(0, cfg.max_past_horizon), max(0, cfg.max_future_horizon)
+    visible = (valid[:, None, :] & (offset >= -past) & (offset <= future))[:, None]
+    probabilities = common.masked_softmax(logits, visible, dtype)
+    broadcast = (2,) if options.broadcast_dropout_across_queries else ()
+    probabilities = common.dropout(module, probabilities, options.dropout_rate, broadcast, training)
+    pf = probabilities.reshape(b * kv_heads, group * n, frames)
+    context = sum(
+        jnp.einsum("xqs,xsu->xqu", p, folded(v), precision=options.precision)
+        for p, (_, v) in zip(jnp.split(pf, [ring], axis=-1), parts, strict=False)
+    )
+    context = context.reshape(b, kv_heads, group, n, units).transpose(0, 3, 1, 2, 4)
+    context = context.reshape(b, n, heads, units)
+    if n > 1:
+        keys_cache, values_cache, kv_mask = write(keys_cache, values_cache, kv_mask)
+    return context, jnp.transpose(probabilities, (0, 2, 1, 3)), keys_cache, values_cache, kv_mask
 
 
 class DotProductSelfAttention(KVCacheSelfAttention):

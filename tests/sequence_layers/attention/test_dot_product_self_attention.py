@@ -111,8 +111,9 @@ def test_state_shapes_independent_of_stream_length() -> None:
     keys, values, kv_mask, time_step, *_ = jax.tree.leaves(
         shapes[0], is_leaf=lambda s: isinstance(s, tuple) and len(s) == 2
     )
-    assert keys[0] == (B, 7, H, U) and values[0] == (B, 7, H, U)
-    assert kv_mask[0] == (B, 7) and time_step[0] == (B,)
+    # The ring-buffer cache is head-major with a spare slot (see KVCacheSelfAttention).
+    assert keys[0] == (B, H, 8, U) and values[0] == (B, H, 8, U)
+    assert kv_mask[0] == (B, 8) and time_step[0] == (B,)
 
 
 def test_time_step_is_per_row() -> None:
