@@ -490,8 +490,10 @@ class DotProductSelfAttention(KVCacheSelfAttention):
     `[b, t, d] -> [b, t, num_heads, units_per_head]` (no output projection).
     Frame t attends to frames `[t - max_past_horizon, t + max_future_horizon]`
     (-1 = unbounded, not steppable). Emits `SelfAttentionEmits` with
-    probabilities `[b, t, heads, t]` from `layer` and `[b, t, heads, W + block]`
-    from `step`.
+    probabilities `[b, t, heads, t]` from `layer` and, from `step`, over the
+    KV cache and the block (`[b, block, heads, W + 1]` for one frame, ring
+    slots in slot order, `[b, block, heads, W + 1 + block]` for more; see
+    `KVCacheSelfAttention`).
 
     Example:
         >>> cfg = DotProductSelfAttention.Config(num_heads=2, units_per_head=4,

@@ -210,7 +210,8 @@ def test_step_emits_probabilities_sum_to_one() -> None:
     state = layer.get_initial_state(B, x.channel_spec, training=False)
     _, _, emits = layer.step_with_emits(x[:, :4], state, training=False)
     probs = np.asarray(emits.probabilities.values)
-    assert probs.shape == (B, 4, H, 3 + 4)
+    # Ring slots (W + 1, see KVCacheSelfAttention), then the block.
+    assert probs.shape == (B, 4, H, 3 + 1 + 4)
     valid = np.asarray(emits.probabilities.mask)
     assert not valid[:, 0].any()  # the latency frame is invalid
     np.testing.assert_allclose(probs.sum(-1)[valid], 1.0, atol=1e-5)
