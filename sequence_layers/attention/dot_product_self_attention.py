@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sequence_layers.attention import common
 from sequence_layers.sequence import MASK_DTYPE, Sequence
@@ -24,6 +25,26 @@ from sequence_layers.types import (
     check_step_with_emits,
     detached,
 )
+
+
+def extract_block_context(
+    x: jax.Array, block_size: int, past: int, future: int, pad_value: Any = 0
+) -> jax.Array:
+    """`[b, t, ...] -> [b, ceil(t / block), past + block + future, ...]`: for block u,
+    frames `u * block - past ... (u + 1) * block + future - 1` (padded outside)."""
+    t = x.shape[1]
+    num_blocks = -(-t // block_size)
+    right = num_blocks * block_size - t + future
+    widths = [(0, 0), (past, right)] + [(0, 0)] * (x.ndim - 2)
+    x = jnp.pad(x, widths, constant_values=jnp.asarray(pad_value, x.dtype))
+    context = past + block_size + future
+    index = np.arange(num_blocks)[:, None] * block_size + np.arange(context)[None, :]
+    return x[:, index]
+
+
+# DotProductSelfAttention.layer tiles queries in blocks of this many frames
+# when the band of visible keys is narrow (see `_layer_query_block`).
+_LAYER_QUERY_BLOCK = 16
 
 
 class KVCacheSelfAttention(common.HeadsOutput, Emitting):
@@ -260,6 +281,43 @@ class KVCacheSelfAttention(common.HeadsOutput, Emitting):
             v = self.value_network.layer(v, training=training, constants=constants)
         return common.clear_invalid(q), common.clear_invalid(k), common.clear_invalid(v)
 
+    def _attend_in_blocks(
+        self, q: Sequence, k: Sequence, v: Sequence, block: int, training: bool
+    ) -> tuple[jax.Array, jax.Array]:
+        """Banded attention with queries tiled in blocks of `block` frames, each
+        attending to its `past + block + future` key window: context
+        `[b, t, heads, u]` and probabilities `[b, t, heads, past + block + future]`
+        over each query's window. Needs both horizons bounded."""
+        cfg = self.config
+        past, future = cfg.max_past_horizon, cfg.max_future_horizon
+        b, t = q.shape[:2]
+        num_blocks = -(-t // block)
+        context = past + block + future
+        kv_mask = k.mask & v.mask
+        # Blocks fold into the batch so the dense attention core does the work.
+        q_blocks = jnp.pad(q.values, [(0, 0), (0, num_blocks * block - t), (0, 0), (0, 0)])
+        q_blocks = q_blocks.reshape(b * num_blocks, block, *q.values.shape[2:])
+        k_blocks = extract_block_context(k.values, block, past, future)
+        v_blocks = extract_block_context(v.values, block, past, future)
+        m_blocks = extract_block_context(kv_mask, block, past, future, pad_value=False)
+        k_blocks = k_blocks.reshape(b * num_blocks, context, *k.values.shape[2:])
+        v_blocks = v_blocks.reshape(b * num_blocks, context, *v.values.shape[2:])
+        m_blocks = m_blocks.reshape(b * num_blocks, context)
+        # Query w of a block sits at window index w + past; it sees window
+        # indices c with 0 <= c - w <= past + future.
+        band = common.band_mask(block, context, 0, past + future)
+        visible = m_blocks[:, None, None, :] & band[None, None]
+        # Absolute positions of each block's queries and key window.
+        starts = np.arange(num_blocks)[:, None] * block
+        q_pos = jnp.tile(jnp.asarray(starts + np.arange(block)[None, :]), (b, 1))
+        k_pos = jnp.tile(jnp.asarray(starts - past + np.arange(context)[None, :]), (b, 1))
+        context_vectors, probs = self._attend(
+            q_blocks, k_blocks, v_blocks, visible, training=training, positions=(q_pos, k_pos)
+        )
+        context_vectors = context_vectors.reshape(b, num_blocks * block, *context_vectors.shape[2:])
+        probs = probs.reshape(b, num_blocks * block, *probs.shape[2:])
+        return context_vectors[:, :t], probs[:, :t]
+
     # Step -------------------------------------------------------------------------------
 
     def step_with_emits(
@@ -484,6 +542,20 @@ def _attend_ring(
     return context, jnp.transpose(probabilities, (0, 2, 1, 3)), keys_cache, values_cache, kv_mask
 
 
+def _window_to_full(probs: jax.Array, block: int, past: int) -> jax.Array:
+    """Probabilities over each query's key window `[b, t, heads, c]` (query i
+    in block u = i // block sees keys from u * block - past) -> over all keys
+    `[b, t, heads, t]`, zero outside the window. Only runs when the emits are
+    used; `layer()` drops it."""
+    t, c = probs.shape[1], probs.shape[3]
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    index = j - (i // block * block - past)  # [t, t] window index of key j
+    inside = (index >= 0) & (index < c)
+    index = np.broadcast_to(np.clip(index, 0, c - 1)[None, :, None, :], (*probs.shape[:3], t))
+    full = jnp.take_along_axis(probs, jnp.asarray(index), axis=-1)
+    return jnp.where(inside[None, :, None, :], full, jnp.zeros((), probs.dtype))
+
+
 class DotProductSelfAttention(KVCacheSelfAttention):
     """Multi-head dot-product self attention over a band of past and future frames.
 
@@ -573,6 +645,21 @@ class DotProductSelfAttention(KVCacheSelfAttention):
 
     config: Config
 
+    def _layer_query_block(self, t: int) -> int:
+        """Query block length for a banded `layer` over `t` frames, or 0 for
+        the dense `[t, t]` logits.
+
+        With both horizons bounded, tiles of `_LAYER_QUERY_BLOCK` queries
+        against their `past + block + future` keys compute the same result;
+        used where that is under half of the dense logits (d256 block at
+        past 64, batch 32, 256 frames: 3.2x fewer logits).
+        """
+        cfg = self.config
+        past, future, block = cfg.max_past_horizon, cfg.max_future_horizon, _LAYER_QUERY_BLOCK
+        if past < 0 or future < 0 or 2 * (past + block + future) > t:
+            return 0
+        return block
+
     @check_layer_with_emits
     def layer_with_emits(
         self, x: Sequence, *, training: bool, constants: Constants | None = None
@@ -580,6 +667,12 @@ class DotProductSelfAttention(KVCacheSelfAttention):
         cfg = self.config
         q, k, v = self._project_layer(x, training, constants)
         t = x.shape[1]
+        block = self._layer_query_block(t)
+        if block:
+            context, window_probs = self._attend_in_blocks(q, k, v, block, training)
+            y = Sequence(context.astype(self.get_output_dtype(x.dtype)), q.mask)
+            probs = _window_to_full(window_probs, block, cfg.max_past_horizon)
+            return y, self._emits(Sequence(probs, q.mask))
         kv_mask = k.mask & v.mask
         band = common.band_mask(
             t, t, common.horizon(cfg.max_past_horizon), common.horizon(cfg.max_future_horizon)
