@@ -522,11 +522,14 @@ def _attend_ring(
         axis=-1,
     ).reshape(b, heads, n, frames)
     logits = common.soft_cap(logits, options.soft_cap)
-    # Query i is at time_step - F + i; key k is visible iff -P <= k - q <= F.
-    query_time = t0 - module._query_delay + jnp.arange(n)[None, :]
+    # Query i waits D frames (the query delay, F for self attention): it is
+    # at time_step - D + i and sees keys k with D - W <= k - q <= D (the
+    # sliding window's band; -P <= k - q <= F when D = F).
+    delay = module._query_delay
+    query_time = t0 - delay + jnp.arange(n)[None, :]
     offset = key_time[:, None, :] - query_time[:, :, None]  # [b, n, keys]
-    past, future = max(0, cfg.max_past_horizon), max(0, cfg.max_future_horizon)
-    visible = (valid[:, None, :] & (offset >= -past) & (offset <= future))[:, None]
+    in_band = (offset >= delay - module._window) & (offset <= delay)
+    visible = (valid[:, None, :] & in_band)[:, None]
     probabilities = common.masked_softmax(logits, visible, dtype)
     broadcast = (2,) if options.broadcast_dropout_across_queries else ()
     probabilities = common.dropout(module, probabilities, options.dropout_rate, broadcast, training)
