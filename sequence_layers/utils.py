@@ -98,6 +98,16 @@ def conv_buffer_width(
     raise ValueError(f"padding={padding!r} is not steppable; use one of {STEPPABLE_CONV_PADDINGS}.")
 
 
+def conv_step_reads_buffer_mask(padding: str) -> bool:
+    """Whether a stepping conv's output mask depends on its buffer's mask.
+
+    `*_valid` modes AND the window's mask, and reverse-causal outputs lag
+    their block by the buffer. Causal and semicausal buffers are exactly the
+    left padding, so output j takes the mask of block frame j * stride.
+    """
+    return padding in (*_AND_MODES, "reverse_causal")
+
+
 def conv_initial_buffer_valid(padding: str) -> bool:
     """Whether a stepping conv's initial buffer frames count as valid.
 

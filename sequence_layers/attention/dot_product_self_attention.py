@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sequence_layers.attention import common
 from sequence_layers.sequence import MASK_DTYPE, Sequence
@@ -26,6 +27,26 @@ from sequence_layers.types import (
 )
 
 
+def extract_block_context(
+    x: jax.Array, block_size: int, past: int, future: int, pad_value: Any = 0
+) -> jax.Array:
+    """`[b, t, ...] -> [b, ceil(t / block), past + block + future, ...]`: for block u,
+    frames `u * block - past ... (u + 1) * block + future - 1` (padded outside)."""
+    t = x.shape[1]
+    num_blocks = -(-t // block_size)
+    right = num_blocks * block_size - t + future
+    widths = [(0, 0), (past, right)] + [(0, 0)] * (x.ndim - 2)
+    x = jnp.pad(x, widths, constant_values=jnp.asarray(pad_value, x.dtype))
+    context = past + block_size + future
+    index = np.arange(num_blocks)[:, None] * block_size + np.arange(context)[None, :]
+    return x[:, index]
+
+
+# DotProductSelfAttention.layer tiles queries in blocks of this many frames
+# when the band of visible keys is narrow (see `_layer_query_block`).
+_LAYER_QUERY_BLOCK = 16
+
+
 class KVCacheSelfAttention(common.HeadsOutput, Emitting):
     """Shared base of `DotProductSelfAttention` and `LocalDotProductSelfAttention`:
     configuration checks, projections, the KV-cache state and `step`.
@@ -41,6 +62,12 @@ class KVCacheSelfAttention(common.HeadsOutput, Emitting):
     with a band mask, then keeps the last `W` physical frames. With a future
     horizon F > 0 queries wait F frames in the delay buffer, so input and output
     latency are both F and the first F step outputs are invalid.
+
+    Without relative positions or sinks the window is kept as a ring buffer
+    instead, head-major with one spare slot (`keys`/`values`
+    `[b, kv_heads, R = W + 1, u]`, `kv_mask [b, R]`): frame `t` lives in slot
+    `t % R` (see `_attend_ring`). Same visible frames, same outputs; emitted
+    step probabilities list the cache in slot order.
     """
 
     config: Any
@@ -144,6 +171,25 @@ class KVCacheSelfAttention(common.HeadsOutput, Emitting):
         return {0: (start, end)}
 
     @property
+    def _ring_cache(self) -> bool:
+        """Whether `step` keeps the KV cache as a head-major ring buffer.
+
+        Shifting a sliding window copies the whole cache each step, and the
+        attention dots then read it through a transposed copy: three passes
+        over K and V per step (with the state donated). The ring buffer's
+        dots read the cache in place and the write is one fused select.
+        Relative positions and sinks keep the sliding window, whose keys are
+        in time order.
+        """
+        cfg = self.config
+        return not (
+            cfg.use_kv_cache_ringbuffer
+            or cfg.relative_position_embedding is not None
+            or getattr(cfg, "num_sink_embeddings", 0) > 0
+            or getattr(cfg, "use_sink_scalars", False)
+        )
+
+    @property
     def _query_delay(self) -> int:
         """Frames queries wait in the delay buffer."""
         return max(0, self.config.max_future_horizon)
@@ -165,6 +211,9 @@ class KVCacheSelfAttention(common.HeadsOutput, Emitting):
         dtype = self.get_output_dtype(input_spec.dtype)
         w, future = self._window, self._query_delay
         kv_shape = (batch_size, w, self._num_kv_heads, cfg.units_per_head)
+        if self._ring_cache:
+            w += 1  # one spare slot: a single frame is written before it is attended
+            kv_shape = (batch_size, self._num_kv_heads, w, cfg.units_per_head)
         # Zeros with an all-False mask: nothing before the stream is visible.
         keys = jnp.zeros(kv_shape, dtype)
         values = jnp.zeros(kv_shape, dtype)
@@ -232,6 +281,43 @@ class KVCacheSelfAttention(common.HeadsOutput, Emitting):
             v = self.value_network.layer(v, training=training, constants=constants)
         return common.clear_invalid(q), common.clear_invalid(k), common.clear_invalid(v)
 
+    def _attend_in_blocks(
+        self, q: Sequence, k: Sequence, v: Sequence, block: int, training: bool
+    ) -> tuple[jax.Array, jax.Array]:
+        """Banded attention with queries tiled in blocks of `block` frames, each
+        attending to its `past + block + future` key window: context
+        `[b, t, heads, u]` and probabilities `[b, t, heads, past + block + future]`
+        over each query's window. Needs both horizons bounded."""
+        cfg = self.config
+        past, future = cfg.max_past_horizon, cfg.max_future_horizon
+        b, t = q.shape[:2]
+        num_blocks = -(-t // block)
+        context = past + block + future
+        kv_mask = k.mask & v.mask
+        # Blocks fold into the batch so the dense attention core does the work.
+        q_blocks = jnp.pad(q.values, [(0, 0), (0, num_blocks * block - t), (0, 0), (0, 0)])
+        q_blocks = q_blocks.reshape(b * num_blocks, block, *q.values.shape[2:])
+        k_blocks = extract_block_context(k.values, block, past, future)
+        v_blocks = extract_block_context(v.values, block, past, future)
+        m_blocks = extract_block_context(kv_mask, block, past, future, pad_value=False)
+        k_blocks = k_blocks.reshape(b * num_blocks, context, *k.values.shape[2:])
+        v_blocks = v_blocks.reshape(b * num_blocks, context, *v.values.shape[2:])
+        m_blocks = m_blocks.reshape(b * num_blocks, context)
+        # Query w of a block sits at window index w + past; it sees window
+        # indices c with 0 <= c - w <= past + future.
+        band = common.band_mask(block, context, 0, past + future)
+        visible = m_blocks[:, None, None, :] & band[None, None]
+        # Absolute positions of each block's queries and key window.
+        starts = np.arange(num_blocks)[:, None] * block
+        q_pos = jnp.tile(jnp.asarray(starts + np.arange(block)[None, :]), (b, 1))
+        k_pos = jnp.tile(jnp.asarray(starts - past + np.arange(context)[None, :]), (b, 1))
+        context_vectors, probs = self._attend(
+            q_blocks, k_blocks, v_blocks, visible, training=training, positions=(q_pos, k_pos)
+        )
+        context_vectors = context_vectors.reshape(b, num_blocks * block, *context_vectors.shape[2:])
+        probs = probs.reshape(b, num_blocks * block, *probs.shape[2:])
+        return context_vectors[:, :t], probs[:, :t]
+
     # Step -------------------------------------------------------------------------------
 
     def step_with_emits(
@@ -278,7 +364,16 @@ class KVCacheSelfAttention(common.HeadsOutput, Emitting):
             q = Sequence(queue.values[:, :n], queue.mask[:, :n])
             delay = Sequence(queue.values[:, -future:], queue.mask[:, -future:])
 
-        if cfg.use_kv_cache_ringbuffer:
+        if self._ring_cache:
+            context, probs, keys_cache, values_cache, kv_mask = _attend_ring(
+                self,
+                q.values,
+                (new_keys, new_values, new_kv_mask),
+                (keys_cache, values_cache, kv_mask),
+                time_step,
+                training=training,
+            )
+        elif cfg.use_kv_cache_ringbuffer:
             if n != 1:
                 raise ValueError(
                     f"{type(self).__name__} with use_kv_cache_ringbuffer=True steps exactly one "
@@ -333,14 +428,147 @@ class KVCacheSelfAttention(common.HeadsOutput, Emitting):
         return y, new_state, self._emits(Sequence(probs, q.mask))
 
 
+def _attend_ring(
+    module: KVCacheSelfAttention,
+    queries: jax.Array,
+    block: tuple[jax.Array, jax.Array, jax.Array],
+    cache: tuple[jax.Array, jax.Array, jax.Array],
+    time_step: jax.Array,
+    *,
+    training: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One step of attention over a ring-buffer KV cache.
+
+    A single frame is written into the ring first and the ring alone is
+    attended: the spare slot keeps every frame the query may see, the write
+    is one select XLA does in place on the donated cache, and the dots read
+    the result directly. (With the window shifted instead, each step copied K
+    and V three times: the donated input, the concatenation transposed for
+    the dots, the shifted window.) A longer block could overwrite frames its
+    first queries still see, so it is attended as a second part of the same
+    softmax and written afterwards.
+
+    Args:
+      queries: `[b, n, heads, u]` (already delayed by F frames).
+      block: the block's keys and values `[b, n, kv_heads, u]` and mask `[b, n]`.
+      cache: keys and values `[b, kv_heads, R, u]` and mask `[b, R]`; slot `s`
+        holds the latest frame `t < time_step` with `t % R == s`.
+      time_step: `[b]` absolute time of the block's first frame.
+
+    Returns:
+      context `[b, n, heads, u]`, probabilities `[b, n, heads, R (+ n)]`
+      (ring slots, then the block when n > 1) and the updated cache.
+    """
+    cfg = module.config
+    keys_cache, values_cache, kv_mask = cache
+    new_keys, new_values, new_mask = block
+    b, n, heads, units = queries.shape
+    kv_heads, ring = keys_cache.shape[1], keys_cache.shape[2]
+    group = heads // kv_heads
+    options = common.AttentionOptions.from_config(cfg)
+    dtype = common.promoted_dtype(
+        queries.dtype, keys_cache.dtype, compute_dtype=options.compute_dtype
+    )
+    new_k = jnp.swapaxes(new_keys, 1, 2)  # [b, kv_heads, n, u]
+    new_v = jnp.swapaxes(new_values, 1, 2)
+    t0 = time_step[:, None]
+    slots = jnp.arange(ring)[None, :]
+
+    def write(keys: jax.Array, values: jax.Array, mask: jax.Array) -> tuple[jax.Array, ...]:
+        # Slot s gets the block's last frame j with (time_step + j) % R == s, if any.
+        last = n - 1 - jnp.mod(t0 + n - 1 - slots, ring)  # [b, R]
+        written, index = last >= 0, jnp.clip(last, 0, n - 1)
+
+        def put(cached: jax.Array, new: jax.Array) -> jax.Array:
+            picked = jnp.take_along_axis(new, index[:, None, :, None], axis=2)
+            return jnp.where(written[:, None, :, None], picked.astype(cached.dtype), cached)
+
+        new_mask_at = jnp.take_along_axis(new_mask, index, axis=1)
+        return put(keys, new_k), put(values, new_v), jnp.where(written, new_mask_at, mask)
+
+    if n == 1:
+        keys_cache, values_cache, kv_mask = write(keys_cache, values_cache, kv_mask)
+        parts = [(keys_cache, values_cache)]
+        # Slot s now holds time_step - ((time_step - s) mod R).
+        key_time = t0 - jnp.mod(t0 - slots, ring)
+        valid = kv_mask
+    else:
+        parts = [(keys_cache, values_cache), (new_k, new_v)]
+        slot_time = t0 - 1 - jnp.mod(t0 - 1 - slots, ring)
+        key_time = jnp.concatenate([slot_time, t0 + jnp.arange(n)[None, :]], axis=1)
+        valid = jnp.concatenate([kv_mask, new_mask], axis=1)
+    frames = key_time.shape[1]
+
+    queries = common.scale_queries(
+        queries.astype(dtype), module._per_dim_scale, options.query_scale
+    )
+    # (batch, kv head) folded into one leading batch axis, as `common` does.
+    qf = queries.reshape(b, n, kv_heads, group, units).transpose(0, 2, 3, 1, 4)
+    qf = qf.reshape(b * kv_heads, group * n, units)
+
+    def folded(a: jax.Array) -> jax.Array:
+        return a.astype(dtype).reshape(b * kv_heads, a.shape[2], units)
+
+    logits = jnp.concatenate(
+        [
+            jnp.einsum(
+                "xqu,xsu->xqs",
+                qf,
+                folded(common.scale_keys(k, module._per_dim_key_scale)),
+                precision=options.precision,
+            )
+            for k, _ in parts
+        ],
+        axis=-1,
+    ).reshape(b, heads, n, frames)
+    logits = common.soft_cap(logits, options.soft_cap)
+    # Query i waits D frames (the query delay, F for self attention): it is
+    # at time_step - D + i and sees keys k with D - W <= k - q <= D (the
+    # sliding window's band; -P <= k - q <= F when D = F).
+    delay = module._query_delay
+    query_time = t0 - delay + jnp.arange(n)[None, :]
+    offset = key_time[:, None, :] - query_time[:, :, None]  # [b, n, keys]
+    in_band = (offset >= delay - module._window) & (offset <= delay)
+    visible = (valid[:, None, :] & in_band)[:, None]
+    probabilities = common.masked_softmax(logits, visible, dtype)
+    broadcast = (2,) if options.broadcast_dropout_across_queries else ()
+    probabilities = common.dropout(module, probabilities, options.dropout_rate, broadcast, training)
+    pf = probabilities.reshape(b * kv_heads, group * n, frames)
+    context = sum(
+        jnp.einsum("xqs,xsu->xqu", p, folded(v), precision=options.precision)
+        for p, (_, v) in zip(jnp.split(pf, [ring], axis=-1), parts, strict=False)
+    )
+    context = context.reshape(b, kv_heads, group, n, units).transpose(0, 3, 1, 2, 4)
+    context = context.reshape(b, n, heads, units)
+    if n > 1:
+        keys_cache, values_cache, kv_mask = write(keys_cache, values_cache, kv_mask)
+    return context, jnp.transpose(probabilities, (0, 2, 1, 3)), keys_cache, values_cache, kv_mask
+
+
+def _window_to_full(probs: jax.Array, block: int, past: int) -> jax.Array:
+    """Probabilities over each query's key window `[b, t, heads, c]` (query i
+    in block u = i // block sees keys from u * block - past) -> over all keys
+    `[b, t, heads, t]`, zero outside the window. Only runs when the emits are
+    used; `layer()` drops it."""
+    t, c = probs.shape[1], probs.shape[3]
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    index = j - (i // block * block - past)  # [t, t] window index of key j
+    inside = (index >= 0) & (index < c)
+    index = np.broadcast_to(np.clip(index, 0, c - 1)[None, :, None, :], (*probs.shape[:3], t))
+    full = jnp.take_along_axis(probs, jnp.asarray(index), axis=-1)
+    return jnp.where(inside[None, :, None, :], full, jnp.zeros((), probs.dtype))
+
+
 class DotProductSelfAttention(KVCacheSelfAttention):
     """Multi-head dot-product self attention over a band of past and future frames.
 
     `[b, t, d] -> [b, t, num_heads, units_per_head]` (no output projection).
     Frame t attends to frames `[t - max_past_horizon, t + max_future_horizon]`
     (-1 = unbounded, not steppable). Emits `SelfAttentionEmits` with
-    probabilities `[b, t, heads, t]` from `layer` and `[b, t, heads, W + block]`
-    from `step`.
+    probabilities `[b, t, heads, t]` from `layer` and, from `step`, over the
+    KV cache and the block (`[b, block, heads, W + 1]` for one frame, ring
+    slots in slot order, `[b, block, heads, W + 1 + block]` for more; see
+    `KVCacheSelfAttention`).
 
     Example:
         >>> cfg = DotProductSelfAttention.Config(num_heads=2, units_per_head=4,
@@ -420,6 +648,21 @@ class DotProductSelfAttention(KVCacheSelfAttention):
 
     config: Config
 
+    def _layer_query_block(self, t: int) -> int:
+        """Query block length for a banded `layer` over `t` frames, or 0 for
+        the dense `[t, t]` logits.
+
+        With both horizons bounded, tiles of `_LAYER_QUERY_BLOCK` queries
+        against their `past + block + future` keys compute the same result;
+        used where that is under half of the dense logits (d256 block at
+        past 64, batch 32, 256 frames: 3.2x fewer logits).
+        """
+        cfg = self.config
+        past, future, block = cfg.max_past_horizon, cfg.max_future_horizon, _LAYER_QUERY_BLOCK
+        if past < 0 or future < 0 or 2 * (past + block + future) > t:
+            return 0
+        return block
+
     @check_layer_with_emits
     def layer_with_emits(
         self, x: Sequence, *, training: bool, constants: Constants | None = None
@@ -427,6 +670,12 @@ class DotProductSelfAttention(KVCacheSelfAttention):
         cfg = self.config
         q, k, v = self._project_layer(x, training, constants)
         t = x.shape[1]
+        block = self._layer_query_block(t)
+        if block:
+            context, window_probs = self._attend_in_blocks(q, k, v, block, training)
+            y = Sequence(context.astype(self.get_output_dtype(x.dtype)), q.mask)
+            probs = _window_to_full(window_probs, block, cfg.max_past_horizon)
+            return y, self._emits(Sequence(probs, q.mask))
         kv_mask = k.mask & v.mask
         band = common.band_mask(
             t, t, common.horizon(cfg.max_past_horizon), common.horizon(cfg.max_future_horizon)

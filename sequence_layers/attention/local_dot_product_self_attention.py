@@ -6,12 +6,15 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sequence_layers.attention import common
-from sequence_layers.attention.dot_product_self_attention import KVCacheSelfAttention
+from sequence_layers.attention.dot_product_self_attention import (
+    KVCacheSelfAttention,
+)
+from sequence_layers.attention.dot_product_self_attention import (
+    extract_block_context as extract_block_context,  # re-exported
+)
 from sequence_layers.sequence import Sequence
 from sequence_layers.types import (
     Constants,
@@ -19,21 +22,6 @@ from sequence_layers.types import (
     SequenceLayerConfig,
     check_layer_with_emits,
 )
-
-
-def extract_block_context(
-    x: jax.Array, block_size: int, past: int, future: int, pad_value: Any = 0
-) -> jax.Array:
-    """`[b, t, ...] -> [b, ceil(t / block), past + block + future, ...]`: for block u,
-    frames `u * block - past ... (u + 1) * block + future - 1` (padded outside)."""
-    t = x.shape[1]
-    num_blocks = -(-t // block_size)
-    right = num_blocks * block_size - t + future
-    widths = [(0, 0), (past, right)] + [(0, 0)] * (x.ndim - 2)
-    x = jnp.pad(x, widths, constant_values=jnp.asarray(pad_value, x.dtype))
-    context = past + block_size + future
-    index = np.arange(num_blocks)[:, None] * block_size + np.arange(context)[None, :]
-    return x[:, index]
 
 
 class LocalDotProductSelfAttention(KVCacheSelfAttention):
@@ -144,34 +132,7 @@ class LocalDotProductSelfAttention(KVCacheSelfAttention):
     def layer_with_emits(
         self, x: Sequence, *, training: bool, constants: Constants | None = None
     ) -> tuple[Sequence, Emits]:
-        cfg = self.config
-        past, future, block = cfg.max_past_horizon, cfg.max_future_horizon, cfg.block_size
         q, k, v = self._project_layer(x, training, constants)
-        b, t = x.shape[:2]
-        num_blocks = -(-t // block)
-        context = past + block + future
-        kv_mask = k.mask & v.mask
-        # Blocks fold into the batch so the dense attention core does the work.
-        q_blocks = jnp.pad(q.values, [(0, 0), (0, num_blocks * block - t), (0, 0), (0, 0)])
-        q_blocks = q_blocks.reshape(b * num_blocks, block, *q.values.shape[2:])
-        k_blocks = extract_block_context(k.values, block, past, future)
-        v_blocks = extract_block_context(v.values, block, past, future)
-        m_blocks = extract_block_context(kv_mask, block, past, future, pad_value=False)
-        k_blocks = k_blocks.reshape(b * num_blocks, context, *k.values.shape[2:])
-        v_blocks = v_blocks.reshape(b * num_blocks, context, *v.values.shape[2:])
-        m_blocks = m_blocks.reshape(b * num_blocks, context)
-        # Query w of a block sits at window index w + past; it sees window
-        # indices c with 0 <= c - w <= past + future.
-        band = common.band_mask(block, context, 0, past + future)
-        visible = m_blocks[:, None, None, :] & band[None, None]
-        # Absolute positions of each block's queries and key window.
-        starts = np.arange(num_blocks)[:, None] * block
-        q_pos = jnp.tile(jnp.asarray(starts + np.arange(block)[None, :]), (b, 1))
-        k_pos = jnp.tile(jnp.asarray(starts - past + np.arange(context)[None, :]), (b, 1))
-        context_vectors, probs = self._attend(
-            q_blocks, k_blocks, v_blocks, visible, training=training, positions=(q_pos, k_pos)
-        )
-        context_vectors = context_vectors.reshape(b, num_blocks * block, *context_vectors.shape[2:])
-        probs = probs.reshape(b, num_blocks * block, *probs.shape[2:])
-        y = Sequence(context_vectors[:, :t].astype(self.get_output_dtype(x.dtype)), q.mask)
-        return y, self._emits(Sequence(probs[:, :t], q.mask))
+        context, probs = self._attend_in_blocks(q, k, v, self.config.block_size, training)
+        y = Sequence(context.astype(self.get_output_dtype(x.dtype)), q.mask)
+        return y, self._emits(Sequence(probs, q.mask))

@@ -358,6 +358,32 @@ def test_state_is_batch_major_plain_sequence() -> None:
         1, jax.ShapeDtypeStruct((2,), jnp.float32), training=False
     )
     assert np.asarray(state.mask).all()
+    # Causal and semicausal outputs take the block's mask: values only.
+    for padding in ("causal", "semicausal"):
+        conv = Conv1D.Config(4, 5, strides=2, padding=padding).make()
+        state = conv.get_initial_state(3, jax.ShapeDtypeStruct((2,), jnp.float32), training=False)
+        assert isinstance(state, jax.Array) and state.shape == (
+            3,
+            4 if padding == "causal" else 3,
+            2,
+        )
+
+
+def test_short_step_matmul_matches_convolution() -> None:
+    # Step blocks with few output frames run as one matmul over the stacked
+    # taps (convolution._conv1d_as_matmul); a long layer() stays a convolution.
+    x = _x(3, t=24, seed=7)
+    cfg = Conv1D.Config(5, 3, dilation_rate=2, strides=2, padding="causal", activation=jnp.tanh)
+    layer = testing.init_and_bind(cfg, x)
+    y = layer.layer(x, training=False)
+    for block in (2, 8):  # 1 and 4 output frames per step
+        y_step, _, _ = step_by_step_static(layer, x, training=False, blocks_per_step=block // 2)
+        np.testing.assert_allclose(
+            np.asarray(y_step.mask_invalid().values),
+            np.asarray(y.mask_invalid().values),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 SERIALIZABLE_CONFIGS = [

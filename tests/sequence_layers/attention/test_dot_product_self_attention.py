@@ -111,8 +111,9 @@ def test_state_shapes_independent_of_stream_length() -> None:
     keys, values, kv_mask, time_step, *_ = jax.tree.leaves(
         shapes[0], is_leaf=lambda s: isinstance(s, tuple) and len(s) == 2
     )
-    assert keys[0] == (B, 7, H, U) and values[0] == (B, 7, H, U)
-    assert kv_mask[0] == (B, 7) and time_step[0] == (B,)
+    # The ring-buffer cache is head-major with a spare slot (see KVCacheSelfAttention).
+    assert keys[0] == (B, H, 8, U) and values[0] == (B, H, 8, U)
+    assert kv_mask[0] == (B, 8) and time_step[0] == (B,)
 
 
 def test_time_step_is_per_row() -> None:
@@ -209,7 +210,8 @@ def test_step_emits_probabilities_sum_to_one() -> None:
     state = layer.get_initial_state(B, x.channel_spec, training=False)
     _, _, emits = layer.step_with_emits(x[:, :4], state, training=False)
     probs = np.asarray(emits.probabilities.values)
-    assert probs.shape == (B, 4, H, 3 + 4)
+    # Ring slots (W + 1, see KVCacheSelfAttention), then the block.
+    assert probs.shape == (B, 4, H, 3 + 1 + 4)
     valid = np.asarray(emits.probabilities.mask)
     assert not valid[:, 0].any()  # the latency frame is invalid
     np.testing.assert_allclose(probs.sum(-1)[valid], 1.0, atol=1e-5)
@@ -221,3 +223,27 @@ def test_no_nan_from_invalid_frames() -> None:
     layer = bind(dsa(max_future_horizon=1), testing.random_sequence(B, T, D, seed=12))
     y = layer.layer(x, training=False)
     assert np.all(np.isfinite(np.asarray(y.values)))
+
+
+def test_long_layer_tiles_queries_with_the_same_result() -> None:
+    # 64 frames against a band of 3 + 2: layer() tiles queries in blocks
+    # (see DotProductSelfAttention._layer_query_block); the result, the dense
+    # [t, t] emits and the agreement with step() must not change.
+    t = 64
+    x = testing.random_sequence(B, t, D, seed=12)
+    mask = np.asarray(x.mask)
+    layer = bind(dsa(max_past_horizon=3, max_future_horizon=2), x)
+    assert layer._layer_query_block(t) > 0
+    y, emits = layer.layer_with_emits(x, training=False)
+    kernel = np.asarray(layer.variables["params"]["query_key_value_projection"]["kernel"])
+    with np.errstate(invalid="ignore"):  # invalid queries past the end see no key
+        expected = _numpy_attention(np.asarray(x.values), mask, kernel, 3, 2)
+    got = np.asarray(y.mask_invalid().values)
+    np.testing.assert_allclose(got[mask], expected[mask], atol=1e-5)
+    probs = np.asarray(emits.probabilities.values)
+    assert probs.shape == (B, t, H, t)
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    outside = ~((j - i >= -3) & (j - i <= 2))  # [query, key]
+    assert np.all(probs.transpose(0, 2, 1, 3)[:, :, outside] == 0)
+    np.testing.assert_allclose(probs.sum(-1)[mask], 1.0, atol=1e-5)
+    testing.verify_contract(layer, x, training=False, rtol=1e-5, atol=1e-5)

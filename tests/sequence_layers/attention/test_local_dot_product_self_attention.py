@@ -74,7 +74,8 @@ def test_state_is_a_bounded_kv_cache() -> None:
         _, state, _ = step_by_step_static(layer, x, training=False)
         shapes.append(jax.tree.map(lambda a: a.shape, state))
     assert shapes[0] == shapes[1]
-    assert shapes[0][0] == (B, 6, H, U)
+    # Head-major ring buffer with a spare slot (see KVCacheSelfAttention).
+    assert shapes[0][0] == (B, H, 7, U)
 
 
 def test_ringbuffer_rejects_multi_frame_steps() -> None:
