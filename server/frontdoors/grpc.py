@@ -31,7 +31,7 @@ from server.frontdoors.wire import (
     segment_options_from_proto,
     tensor_to_array,
 )
-from server.runtime import Ended, Output
+from server.runtime import Ended, Moved, Output
 from server.segments import SpeechEvent
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StreamingInference"].full_name
@@ -102,6 +102,7 @@ class StreamingService(pb_grpc.StreamingInferenceServicer):
                 segment_options_from_proto(config.speech_segments)
                 if config.HasField("speech_segments")
                 else None,
+                config.resume_token or None,
             )
             yield pb.StreamResponse(
                 started=pb.StreamStarted(
@@ -123,6 +124,14 @@ class StreamingService(pb_grpc.StreamingInferenceServicer):
                             yield pb.StreamResponse(
                                 speech_stopped=pb.SpeechStopped(sample=item.sample)
                             )
+                    elif isinstance(item, Moved):
+                        # The server drains: the client resumes elsewhere; the call ends OK.
+                        yield pb.StreamResponse(
+                            moved=pb.StreamMoved(
+                                resume_token=item.resume_token,
+                                frames_received=item.frames_received,
+                            )
+                        )
                     elif isinstance(item, Ended):
                         yield pb.StreamResponse(
                             ended=pb.StreamEnded(
