@@ -483,7 +483,8 @@ class StreamHandle:
 
     async def outputs(self) -> AsyncIterator[Output | SpeechEvent | Ended | Moved]:
         """Yields `Output`s (each followed by the `SpeechEvent`s it causes, if
-        requested), then one `Ended`; raises the stream's `StreamError`."""
+        requested), then one `Ended`, or one `Moved` when the draining server
+        hands the stream off; raises the stream's `StreamError`."""
         while True:
             item = await self._queue.get()
             if self._stream.mark_read(time.monotonic()):

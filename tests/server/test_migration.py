@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,9 +17,11 @@ import pytest
 import sequence_layers as sl
 from sequence_layers import testing
 from server import resume
+from server.errors import Unavailable
 from server.model import ServableModel, init_variables
 from server.resume import ResumeKeys, ResumeTokenError
 from server.runtime import Ended, Moved, Output, Runtime, SchedulerConfig, StreamHandle
+from server.segments import SegmentOptions, SpeechSegmenter
 
 KEYS = ResumeKeys((b"a" * 40,))
 FOREIGN = ResumeKeys((b"b" * 40,))
@@ -195,3 +198,38 @@ def test_a_server_without_keys_refuses_tokens(replicas: tuple[Runtime, Runtime])
 
     asyncio.run(run())
     assert keyless.move_streams() == 0
+
+
+def test_a_token_too_large_ends_the_stream_as_without_keys(
+    replicas: tuple[Runtime, Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, _ = replicas
+    engine = first.engines["asr"]
+
+    def too_large(snapshot: resume.StreamSnapshot) -> bytes:
+        raise resume.TokenTooLarge("the stream's token would be 20 MB; the limit is 16 MiB.")
+
+    monkeypatch.setattr(engine, "sign", too_large)
+
+    async def run() -> None:
+        handle = first.open_stream("asr")
+        handle.send(np.ones((9, 2), np.float32))
+        engine.move_streams()
+        with pytest.raises(Unavailable, match="cannot hand this stream off"):
+            await _collect(handle, {})
+        handle.cancel()
+
+    asyncio.run(run())
+    assert first.active_streams == 0
+
+
+def test_speech_segmenter_state_travels() -> None:
+    probs = [0.1, 0.9, 0.9, 0.2, 0.1, 0.1, 0.9, 0.1, 0.1, 0.1, 0.1]
+    whole = SpeechSegmenter(SegmentOptions(min_silence_duration_ms=1), 512, 16000)
+    expected = whole.push(probs)
+    before = SpeechSegmenter(SegmentOptions(min_silence_duration_ms=1), 512, 16000)
+    events = before.push(probs[:4])
+    after = SpeechSegmenter(SegmentOptions(min_silence_duration_ms=1), 512, 16000)
+    after.restore(json.loads(json.dumps(before.state())))  # as a token carries it
+    assert events + after.push(probs[4:]) == expected
+    assert any(e.kind == "speech_stopped" for e in expected)
