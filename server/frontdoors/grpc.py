@@ -104,11 +104,17 @@ class StreamingService(pb_grpc.StreamingInferenceServicer):
                 else None,
                 config.resume_token or None,
             )
-            yield pb.StreamResponse(
-                started=pb.StreamStarted(
-                    model=model_info_to_proto(handle.info), stream_id=handle.stream_id
+            try:
+                yield pb.StreamResponse(
+                    started=pb.StreamStarted(
+                        model=model_info_to_proto(handle.info), stream_id=handle.stream_id
+                    )
                 )
-            )
+            except BaseException:
+                # The call ended before the pump took the stream over: free it
+                # now, not at its idle timeout (a drain waits for its handle).
+                handle.cancel()
+                raise
             # aclosing: the stream is freed as soon as this call ends, however it ends.
             pump = self.bridge.pump(handle, _decode(request_iterator))
             async with contextlib.aclosing(pump) as items:

@@ -103,7 +103,11 @@ class WebSocketStream:
         if token is not None:
             # Binary outputs carry no offset: where the resumed stream's continue.
             hello["output_offset"] = handle.output_offset
-        await _send_text(send, hello)
+        try:
+            await _send_text(send, hello)
+        except BaseException:
+            handle.cancel()  # the client left first: free the stream now (see grpc.py)
+            raise
         inbound = _decode(receive, dtype, info.input_shape, self.max_message_bytes)
         # aclosing: the stream is freed as soon as this connection ends, however it ends.
         async with contextlib.aclosing(self.bridge.pump(handle, inbound)) as items:
