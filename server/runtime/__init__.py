@@ -14,6 +14,12 @@ One responsibility a module:
 - `engine`: one model's tick thread between its scheduler and its device;
 - `router`: outputs from the tick thread to the doors' event loops.
 
+Stream migration (DESIGN.md section 8): with `resume_keys`, a stream opens
+from a `resume_token` (its state row written into a free slot instead of a
+reset), and `move_streams` hands every open stream off: once its ticks in
+flight are delivered, its row comes to the host and it ends with `Moved`
+(a signed token) instead of `Ended`.
+
 Example:
     runtime = Runtime({"logmel": model}, SchedulerConfig(max_streams=8))
     runtime.start()                     # compiles every bucket; then ready

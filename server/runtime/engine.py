@@ -56,6 +56,8 @@ class DeviceRunner(Protocol):
     """What the engine needs of a device (`Device`, or a fake in tests)."""
 
     compile_seconds: dict[Any, float]
+    # One stream's state row: (shape, dtype) per leaf, set by `build`.
+    row_layout: list[tuple[tuple[int, ...], Any]]
 
     def build(self) -> None: ...
     def compile(self, stopping: Callable[[], bool]) -> bool: ...
@@ -211,7 +213,7 @@ class Engine:
         snapshot = verify_token(
             token, self.resume_keys, model_name=self.model.name, fingerprint=self.fingerprint
         )
-        check_state_layout(snapshot.state, getattr(self.device, "row_layout", []))
+        check_state_layout(snapshot.state, self.device.row_layout)
         spec = self.model.input_spec
         buffered = snapshot.buffered_input
         if buffered.shape[1:] != tuple(spec.shape) or buffered.dtype != np.dtype(spec.dtype):
