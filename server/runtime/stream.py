@@ -31,7 +31,7 @@ import numpy as np
 
 from server.errors import InvalidArgument, ResourceExhausted, StreamError, Unavailable
 from server.model import ModelInfo, prepare_input
-from server.resume import StreamSnapshot, TokenTooLarge
+from server.resume import ResumeTokenError, StreamSnapshot
 from server.runtime import policy
 from server.runtime.router import Mailbox
 from server.segments import SegmentOptions, SpeechEvent, SpeechSegmenter
@@ -418,7 +418,6 @@ class StreamHandle:
         # A resumed stream: the index of its next output frame, and the
         # segmenter's state it carried.
         self.output_offset = stream.frames_out
-        self.resumed = False
         self._segments_state: dict[str, Any] | None = None
         self._released = False
 
@@ -456,7 +455,6 @@ class StreamHandle:
     def resume_segments(self, state: Mapping[str, Any] | None) -> None:
         """A resumed stream's segmenter state (from its token), applied by
         `request_segments` (the client asks for segments again)."""
-        self.resumed = True
         self._segments_state = dict(state) if state else None
 
     def fail(self, error: StreamError, outcome: str = "error") -> None:
@@ -510,7 +508,7 @@ class StreamHandle:
             snapshot = dataclasses.replace(snapshot, extra={"segments": self._segmenter.state()})
         try:
             token = self._owner.sign(snapshot)
-        except TokenTooLarge as e:
+        except ResumeTokenError as e:  # too large, or a state no token can carry
             # As before migration existed: the client reconnects from scratch.
             raise Unavailable(
                 f"the server is draining and cannot hand this stream off: {e}"
