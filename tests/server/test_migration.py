@@ -30,7 +30,8 @@ from server.runtime import (
     SchedulerConfig,
     StreamHandle,
 )
-from server.segments import SegmentOptions, SpeechSegmenter
+from server.segments import SegmentOptions, SpeechEvent, SpeechSegmenter
+from tests.server.vad_audio import speech_mix, wheel_or_skip
 
 KEYS = ResumeKeys((b"a" * 40,))
 FOREIGN = ResumeKeys((b"b" * 40,))
@@ -299,3 +300,56 @@ def test_builtin_models_move_mid_stream_and_mid_flush(name: str) -> None:
         engine.stop()
     for x, y in zip(inputs, results, strict=True):
         testing.assert_allclose(y, model.offline(x), atol=1e-4, rtol=1e-4)
+
+
+def test_silero_vad_moves_with_its_speech_segments() -> None:
+    """The segmenter's state travels in the token: events across the move
+    are those of one uninterrupted stream (the official rule over offline
+    probabilities), and the probabilities equal offline."""
+    wheel_or_skip()
+    model = BUILTIN_MODELS["silero-vad"]()
+    engine = Engine(model, SchedulerConfig(max_streams=2, buckets=(2,), max_batch_delay_ms=1))
+    engine.resume_keys = KEYS
+    engine.start()
+    x = speech_mix(5)[:, None]
+    options = SegmentOptions()
+    cut = len(x) // 2
+    try:
+
+        async def run() -> tuple[dict[int, np.ndarray], list[SpeechEvent]]:
+            loop = asyncio.get_running_loop()
+            outputs: dict[int, np.ndarray] = {}
+            events: list[SpeechEvent] = []
+
+            async def read(handle: StreamHandle) -> object:
+                async for item in handle.outputs():
+                    if isinstance(item, Output):
+                        outputs[item.offset] = item.frames
+                    elif isinstance(item, SpeechEvent):
+                        events.append(item)
+                    else:
+                        handle.cancel()
+                        return item
+                raise AssertionError("no last item")
+
+            handle = engine.open_stream(loop)
+            handle.request_segments(options)
+            handle.send(x[:cut])
+            await asyncio.sleep(0.05)
+            engine.move_streams()
+            moved = await read(handle)
+            assert isinstance(moved, Moved)
+            resumed = engine.open_stream(loop, resume_token=moved.resume_token)
+            resumed.request_segments(options)  # the client asks again, as its config does
+            resumed.send(x[moved.frames_received :])
+            resumed.end()
+            assert isinstance(await read(resumed), Ended)
+            return outputs, events
+
+        outputs, events = asyncio.run(run())
+    finally:
+        engine.stop()
+    probs = model.offline(x)
+    testing.assert_allclose(_joined(outputs), probs, atol=1e-4, rtol=1e-4)
+    expected = SpeechSegmenter(options, 512, 16000).push(probs[:, 0].tolist())
+    assert events == expected and len(expected) >= 2
