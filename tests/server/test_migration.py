@@ -245,63 +245,6 @@ def test_speech_segmenter_state_travels() -> None:
     assert any(e.kind == "speech_stopped" for e in expected)
 
 
-@pytest.mark.parametrize("name", ["demo-asr", "demo-vocoder"])
-def test_builtin_models_move_mid_stream_and_mid_flush(name: str) -> None:
-    """demo-asr (STFT, mel, strided convs, local attention KV caches, input
-    latency) and demo-vocoder (output_ratio 160). One engine stands for both
-    replicas (it compiles once): a stream moves off it and resumes into a
-    slot another stream was reset and stepped in meanwhile, so only the
-    token's state row can give the right outputs. One stream moves mid-input,
-    one after `end` with its latency flush under way."""
-    model = BUILTIN_MODELS[name]()
-    engine = Engine(model, SchedulerConfig(max_streams=4, buckets=(4,), max_batch_delay_ms=1))
-    engine.resume_keys = KEYS
-    engine.start()
-    block = model.block_size
-    length = 24 * block if name == "demo-asr" else 150
-    rng = np.random.default_rng(1)
-    inputs = [
-        (rng.normal(size=(length, *model.input_shape)) * 0.1).astype(np.float32) for _ in range(2)
-    ]
-    try:
-
-        async def run() -> list[np.ndarray]:
-            loop = asyncio.get_running_loop()
-            outputs: list[dict[int, np.ndarray]] = [{}, {}]
-            handles = [engine.open_stream(loop) for _ in inputs]
-            sent = [length // 2, length]
-            for handle, x, n in zip(handles, inputs, sent, strict=True):
-                handle.send(x[:n])
-            await asyncio.sleep(0.02)  # some ticks, far from all
-            handles[1].end()  # the second moves with its latency flush planned
-            engine.move_streams()
-            moves = [await _collect(h, o) for h, o in zip(handles, outputs, strict=True)]
-            for handle in handles:
-                handle.cancel()
-            # Streams that reuse the freed slots: reset and stepped before the resumes.
-            fillers = [engine.open_stream(loop) for _ in inputs]
-            for filler in fillers:
-                filler.send(inputs[0][:block])
-                filler.end()
-                assert isinstance(await _collect(filler, {}), Ended)
-                filler.cancel()
-            for i, moved in enumerate(moves):
-                assert isinstance(moved, Moved) and moved.frames_received == sent[i]
-                resumed = engine.open_stream(loop, resume_token=moved.resume_token)
-                if sent[i] < length:
-                    resumed.send(inputs[i][sent[i] :])
-                resumed.end()
-                assert isinstance(await _collect(resumed, outputs[i]), Ended)
-                resumed.cancel()
-            return [_joined(o) for o in outputs]
-
-        results = asyncio.run(run())
-    finally:
-        engine.stop()
-    for x, y in zip(inputs, results, strict=True):
-        testing.assert_allclose(y, model.offline(x), atol=1e-4, rtol=1e-4)
-
-
 def test_silero_vad_moves_with_its_speech_segments() -> None:
     """The segmenter's state travels in the token: events across the move
     are those of one uninterrupted stream (the official rule over offline
