@@ -137,7 +137,8 @@ async def serve(args: argparse.Namespace) -> int:
 
     if not compile_task.done():
         runtime.stop()  # stops compiling after the bucket in progress
-    # Drain: refuse new streams, let streams in flight finish, then end them.
+    # Drain: refuse new streams, let streams in flight finish, then move them
+    # (with resume keys) or end them.
     log.info("draining for up to %.1f s", cfg["drain_seconds"])
     runtime.drain()
     await grpc_server.set_serving(False, list(models))
