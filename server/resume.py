@@ -154,6 +154,12 @@ class TokenFingerprintMismatch(TokenModelMismatch):
     """Same model name, other weights, config or state layout."""
 
 
+class ResumeNotConfigured(ResumeTokenError):
+    """This server has no resume keys, so it cannot check any token."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class TokenNotYetValid(ResumeTokenError):
     """Issued in the future beyond `CLOCK_SKEW_S`: replica clocks disagree."""
 

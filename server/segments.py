@@ -14,7 +14,8 @@ Tested against the official code itself (tests/server/test_segments.py).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from server.errors import InvalidArgument
 
@@ -75,6 +76,24 @@ class SpeechSegmenter:
         self._silence_from = 0
         # Input samples covered by the windows seen so far.
         self._samples = 0
+
+    def state(self) -> dict[str, Any]:
+        """Where it is, JSON-able: a moved stream carries it in its token."""
+        return {
+            "speaking": self._speaking,
+            "silence_from": self._silence_from,
+            "samples": self._samples,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continues from `state()` of the same stream on another server."""
+        try:
+            speaking, silence, samples = state["speaking"], state["silence_from"], state["samples"]
+        except (KeyError, TypeError):
+            raise InvalidArgument("the resume token has an incomplete segment state.") from None
+        if not isinstance(speaking, bool) or type(silence) is not int or type(samples) is not int:
+            raise InvalidArgument("the resume token's speech segment state is malformed.")
+        self._speaking, self._silence_from, self._samples = speaking, silence, samples
 
     def push(self, probs: Iterable[float]) -> list[SpeechEvent]:
         events = []

@@ -36,13 +36,22 @@ class TickStats:
 
 @dataclasses.dataclass(frozen=True)
 class StreamStats:
-    """A stream ended (or was refused). outcome: ok, cancelled, error, rejected, timeout."""
+    """A stream ended (or was refused). outcome: ok, cancelled, error, rejected, timeout,
+    moved (handed off to another replica while draining)."""
 
     model: str
     outcome: str
     frames_in: int = 0
     frames_out: int = 0
     first_output_seconds: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamReleased:
+    """A door is done with a stream (wrote its last message): a draining
+    server waits for every one before it closes its ports."""
+
+    model: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,8 @@ Lifecycle: parse flags -> load models -> start HTTP and gRPC (alive, not
 ready) -> compile every tick bucket -> ready -> serve -> on SIGTERM/SIGINT
 drain: readiness false, new streams refused (UNAVAILABLE / close 1013),
 streams in flight get `--drain-seconds` to finish, the rest end with
-UNAVAILABLE -> exit 0.
+UNAVAILABLE (or, with `--resume-key-file`, move: each gets `moved` with a
+resume token another replica continues it from) -> exit 0.
 
     sl-serve                                 # built-ins: demo-asr, demo-vocoder, logmel, silero-vad
     sl-serve --model asr=./models/asr --max-streams 64 --api-key-file key.txt
@@ -19,7 +20,7 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,14 @@ from server.frontdoors.auth import ApiKeys
 from server.frontdoors.grpc import GrpcServer
 from server.frontdoors.http import create_app
 from server.metrics import Metrics
+from server.resume import ResumeKeyError, load_keys
 from server.runtime import Runtime
-from server.stats import StreamStats
+from server.stats import StreamReleased, StreamStats
 
 log = logging.getLogger("sl-serve")
+
+# Longest a drain waits for moved streams' doors to write their `moved`.
+_MOVE_SECONDS = 5.0
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -56,7 +61,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     def record(stats: Any) -> None:
         metrics.record(stats)
-        if isinstance(stats, StreamStats):
+        if isinstance(stats, StreamStats | StreamReleased):
             loop.call_soon_threadsafe(streams_changed.set)
 
     settings = resolve_settings(args)
@@ -64,7 +69,10 @@ async def serve(args: argparse.Namespace) -> int:
     cache = enable_compile_cache(cfg["compile_cache_dir"])
     log.info("compile cache: %s", cache or "off")
     models = settings.models
-    runtime = Runtime(models, settings.schedulers, stats_sink=record)
+    # Stream migration: read the keys before anything starts, so a bad file
+    # fails the start (exit 2) rather than the first drain.
+    resume_keys = load_keys(cfg["resume_key_file"]) if cfg["resume_key_file"] else None
+    runtime = Runtime(models, settings.schedulers, stats_sink=record, resume_keys=resume_keys)
     metrics.attach(runtime)
     keys = ApiKeys(settings.api_keys)
     tls = None
@@ -131,15 +139,23 @@ async def serve(args: argparse.Namespace) -> int:
 
     if not compile_task.done():
         runtime.stop()  # stops compiling after the bucket in progress
-    # Drain: refuse new streams, let streams in flight finish, then end them.
+    # Drain: refuse new streams, let streams in flight finish, then move them
+    # (with resume keys) or end them.
     log.info("draining for up to %.1f s", cfg["drain_seconds"])
     runtime.drain()
     await grpc_server.set_serving(False, list(models))
     deadline = loop.time() + cfg["drain_seconds"]
-    while runtime.active_streams and loop.time() < deadline:
-        streams_changed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(streams_changed.wait(), deadline - loop.time())
+    await _wait_until(lambda: not runtime.active_streams, streams_changed, deadline)
+    moving = runtime.move_streams()
+    if moving:
+        # Streams still open move instead of being cut: each gets `moved`
+        # once its ticks in flight are delivered (milliseconds), then its
+        # door writes it. Bounded: a client that reads nothing must not
+        # hold the exit.
+        log.info("moving %d streams to other replicas", moving)
+        await _wait_until(
+            lambda: not runtime.open_handles, streams_changed, loop.time() + _MOVE_SECONDS
+        )
     await compile_task
     runtime.stop()
     await grpc_server.stop(grace=1.0)
@@ -147,6 +163,15 @@ async def serve(args: argparse.Namespace) -> int:
     await http_task
     log.info("stopped")
     return 0
+
+
+async def _wait_until(done: Callable[[], bool], changed: asyncio.Event, deadline: float) -> None:
+    """Waits until `done()` (checked each time `changed` is set) or `deadline`."""
+    loop = asyncio.get_running_loop()
+    while not done() and loop.time() < deadline:
+        changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), deadline - loop.time())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         # passes cost 1-2.5 s of a warm start (peak memory is the same).
         gc.disable()
         return asyncio.run(serve(args))
-    except (ModelLoadError, ConfigFileError, OSError, ValueError) as e:
+    except (ModelLoadError, ConfigFileError, ResumeKeyError, OSError, ValueError) as e:
         print(f"sl-serve: {e}", file=sys.stderr)
         return 2
     finally:

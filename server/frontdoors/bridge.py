@@ -41,7 +41,7 @@ import numpy as np
 
 from server.errors import StreamError
 from server.model import ModelInfo
-from server.runtime import Ended, Output
+from server.runtime import Ended, Moved, Output
 from server.segments import SegmentOptions, SpeechEvent
 from server.stats import ChunkStats, ErrorStats
 
@@ -65,7 +65,10 @@ class StreamHandle(Protocol):
 
     def fail(self, error: StreamError) -> None: ...
 
-    def outputs(self) -> AsyncIterator[Output | SpeechEvent | Ended]: ...
+    @property
+    def output_offset(self) -> int: ...
+
+    def outputs(self) -> AsyncIterator[Output | SpeechEvent | Ended | Moved]: ...
 
 
 class StreamRuntime(Protocol):
@@ -77,7 +80,9 @@ class StreamRuntime(Protocol):
     @property
     def ready(self) -> bool: ...
 
-    def open_stream(self, model: str, stream_id: str | None = None) -> StreamHandle: ...
+    def open_stream(
+        self, model: str, stream_id: str | None = None, *, resume_token: bytes | None = None
+    ) -> StreamHandle: ...
 
     def model_state(self, name: str) -> str: ...
 
@@ -116,12 +121,21 @@ class StreamBridge:
         self.transport = transport
 
     def open(
-        self, model: str, stream_id: str | None, segments: SegmentOptions | None
+        self,
+        model: str,
+        stream_id: str | None,
+        segments: SegmentOptions | None,
+        resume_token: bytes | None = None,
     ) -> StreamHandle:
         """Admits a stream or raises its `StreamError` (NOT_FOUND,
         RESOURCE_EXHAUSTED, UNAVAILABLE, INVALID_ARGUMENT for segments on a
-        model without a speech output)."""
-        handle = self.runtime.open_stream(model, stream_id)
+        model without a speech output). With `resume_token`, continues a
+        moved stream, or raises the token's refusal (INVALID_ARGUMENT,
+        PERMISSION_DENIED, FAILED_PRECONDITION, DEADLINE_EXCEEDED)."""
+        if resume_token is None:
+            handle = self.runtime.open_stream(model, stream_id)
+        else:
+            handle = self.runtime.open_stream(model, stream_id, resume_token=resume_token)
         if segments is not None:
             try:
                 handle.request_segments(segments)
@@ -132,8 +146,9 @@ class StreamBridge:
 
     async def pump(
         self, handle: StreamHandle, inbound: AsyncIterator[Inbound]
-    ) -> AsyncIterator[Output | SpeechEvent | Ended]:
-        """Feeds `inbound` into `handle` and yields its outputs until `Ended`.
+    ) -> AsyncIterator[Output | SpeechEvent | Ended | Moved]:
+        """Feeds `inbound` into `handle` and yields its outputs until `Ended`
+        (or `Moved`: the server drains and hands the stream off).
 
         Raises the stream's `StreamError` (a bad message from `inbound`
         included: the reader fails the stream with it). The chunk latency of

@@ -31,7 +31,7 @@ from server.frontdoors.wire import (
     segment_options_from_proto,
     tensor_to_array,
 )
-from server.runtime import Ended, Output
+from server.runtime import Ended, Moved, Output
 from server.segments import SpeechEvent
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StreamingInference"].full_name
@@ -102,12 +102,19 @@ class StreamingService(pb_grpc.StreamingInferenceServicer):
                 segment_options_from_proto(config.speech_segments)
                 if config.HasField("speech_segments")
                 else None,
+                config.resume_token or None,
             )
-            yield pb.StreamResponse(
-                started=pb.StreamStarted(
-                    model=model_info_to_proto(handle.info), stream_id=handle.stream_id
+            try:
+                yield pb.StreamResponse(
+                    started=pb.StreamStarted(
+                        model=model_info_to_proto(handle.info), stream_id=handle.stream_id
+                    )
                 )
-            )
+            except BaseException:
+                # The call ended before the pump took the stream over: free it
+                # now, not at its idle timeout (a drain waits for its handle).
+                handle.cancel()
+                raise
             # aclosing: the stream is freed as soon as this call ends, however it ends.
             pump = self.bridge.pump(handle, _decode(request_iterator))
             async with contextlib.aclosing(pump) as items:
@@ -123,6 +130,14 @@ class StreamingService(pb_grpc.StreamingInferenceServicer):
                             yield pb.StreamResponse(
                                 speech_stopped=pb.SpeechStopped(sample=item.sample)
                             )
+                    elif isinstance(item, Moved):
+                        # The server drains: the client resumes elsewhere; the call ends OK.
+                        yield pb.StreamResponse(
+                            moved=pb.StreamMoved(
+                                resume_token=item.resume_token,
+                                frames_received=item.frames_received,
+                            )
+                        )
                     elif isinstance(item, Ended):
                         yield pb.StreamResponse(
                             ended=pb.StreamEnded(

@@ -22,6 +22,7 @@ which is per-message work on the hot path and adds nothing a stream needs.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -39,7 +40,8 @@ from server.frontdoors.wire import (
     ws_close_code,
     ws_output,
 )
-from server.runtime import Ended, Output
+from server.resume import token_from_text, token_to_text
+from server.runtime import Ended, Moved, Output
 from server.segments import SpeechEvent
 
 Scope = MutableMapping[str, Any]
@@ -49,6 +51,8 @@ Send = Callable[[Message], Awaitable[None]]
 
 # Input dtypes a client may declare with `?dtype=`.
 STREAM_DTYPES = ("float32", "int16")
+# How long a `?resume=1` connection may take to send its token.
+_RESUME_MESSAGE_TIMEOUT_S = 10.0
 
 
 class WebSocketStream:
@@ -90,11 +94,20 @@ class WebSocketStream:
         dtype = params.get("dtype", "float32")
         if dtype not in STREAM_DTYPES:
             raise InvalidArgument(f"dtype={dtype!r} is not supported; use float32 or int16.")
+        token = await _resume_token(params, receive)
         handle = self.bridge.open(
-            model, params.get("stream_id"), segment_options_from_query(params)
+            model, params.get("stream_id"), segment_options_from_query(params), token
         )
         info = handle.info
-        await _send_text(send, {"type": "started", **info.to_json(), "stream_id": handle.stream_id})
+        hello = {"type": "started", **info.to_json(), "stream_id": handle.stream_id}
+        if token is not None:
+            # Binary outputs carry no offset: where the resumed stream's continue.
+            hello["output_offset"] = handle.output_offset
+        try:
+            await _send_text(send, hello)
+        except BaseException:
+            handle.cancel()  # the client left first: free the stream now (see grpc.py)
+            raise
         inbound = _decode(receive, dtype, info.input_shape, self.max_message_bytes)
         # aclosing: the stream is freed as soon as this connection ends, however it ends.
         async with contextlib.aclosing(self.bridge.pump(handle, inbound)) as items:
@@ -103,6 +116,15 @@ class WebSocketStream:
                     await send({"type": "websocket.send", "bytes": ws_output(item.frames)})
                 elif isinstance(item, SpeechEvent):
                     await _send_text(send, {"type": item.kind, "sample": item.sample})
+                elif isinstance(item, Moved):
+                    # The server drains: the client resumes elsewhere (1001: going away).
+                    moved = {
+                        "type": "moved",
+                        "resume_token": token_to_text(item.resume_token),
+                        "frames_received": item.frames_received,
+                    }
+                    await _send_text(send, moved)
+                    await send({"type": "websocket.close", "code": 1001, "reason": "moved"})
                 elif isinstance(item, Ended):
                     await _send_text(
                         send,
@@ -115,6 +137,32 @@ class WebSocketStream:
                         },
                     )
                     await send({"type": "websocket.close", "code": 1000, "reason": ""})
+
+
+async def _resume_token(params: QueryParams, receive: Receive) -> bytes | None:
+    """The token of a resumed stream: `?resume_token=` (base64url), or with
+    `?resume=1` the first text message `{"type": "config", "resume_token"}`
+    (tokens too long for a URL). None for a new stream."""
+    if "resume_token" in params:
+        return token_from_text(params["resume_token"])
+    if params.get("resume", "").lower() not in ("1", "true", "yes"):
+        return None
+    try:
+        message = await asyncio.wait_for(receive(), _RESUME_MESSAGE_TIMEOUT_S)
+    except TimeoutError:
+        raise InvalidArgument(
+            f"?resume=1 but no config message within {_RESUME_MESSAGE_TIMEOUT_S:g} s; send "
+            '{"type": "config", "resume_token": ...} first.'
+        ) from None
+    try:
+        config = json.loads(message.get("text") or "")
+    except json.JSONDecodeError:
+        config = None
+    if not isinstance(config, dict) or config.get("type") != "config":
+        raise InvalidArgument(
+            '?resume=1: the first message must be text {"type": "config", "resume_token": ...}.'
+        )
+    return token_from_text(config.get("resume_token"))
 
 
 def error_body(error: StreamError) -> dict[str, str]:

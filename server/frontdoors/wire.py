@@ -31,6 +31,9 @@ WS_CLOSE_CODES = {
     "INVALID_ARGUMENT": 1007,
     "NOT_FOUND": 1008,
     "UNAUTHENTICATED": 1008,
+    # Refused resume tokens (server/resume.py): a policy refusal, not bad data.
+    "PERMISSION_DENIED": 1008,
+    "FAILED_PRECONDITION": 1008,
     "DEADLINE_EXCEEDED": 1008,
     "RESOURCE_EXHAUSTED": 1013,
     "UNAVAILABLE": 1013,

@@ -14,6 +14,12 @@ One responsibility a module:
 - `engine`: one model's tick thread between its scheduler and its device;
 - `router`: outputs from the tick thread to the doors' event loops.
 
+Stream migration (DESIGN.md section 8): with `resume_keys`, a stream opens
+from a `resume_token` (its state row written into a free slot instead of a
+reset), and `move_streams` hands every open stream off: once its ticks in
+flight are delivered, its row comes to the host and it ends with `Moved`
+(a signed token) instead of `Ended`.
+
 Example:
     runtime = Runtime({"logmel": model}, SchedulerConfig(max_streams=8))
     runtime.start()                     # compiles every bucket; then ready
@@ -32,11 +38,13 @@ from typing import Any
 
 from server.errors import ModelNotFound
 from server.model import ModelInfo, ServableModel
+from server.resume import ResumeKeys
 from server.runtime.config import SchedulerConfig as SchedulerConfig
 from server.runtime.config import buckets_for as buckets_for
 from server.runtime.engine import Engine as Engine
 from server.runtime.stream import MAX_IN_FLIGHT as MAX_IN_FLIGHT
 from server.runtime.stream import Ended as Ended
+from server.runtime.stream import Moved as Moved
 from server.runtime.stream import Output as Output
 from server.runtime.stream import StreamHandle as StreamHandle
 from server.segments import SpeechEvent as SpeechEvent
@@ -54,7 +62,10 @@ class Runtime:
         models: Mapping[str, ServableModel],
         config: SchedulerConfig | Mapping[str, SchedulerConfig] | None = None,
         stats_sink: Callable[[Any], None] | None = None,
+        resume_keys: ResumeKeys | None = None,
     ) -> None:
+        """`resume_keys` turns stream migration on: streams resume from
+        tokens signed with one of them, and `move_streams` hands streams off."""
         if not models:
             raise ValueError("a Runtime needs at least one model.")
         # Transports report their own stats (chunk latency, errors) here too.
@@ -63,6 +74,8 @@ class Runtime:
         for name, model in models.items():
             cfg = config.get(name) if isinstance(config, Mapping) else config
             self.engines[name] = Engine(model, cfg, stats_sink=stats_sink)
+            self.engines[name].resume_keys = resume_keys
+        self.resume_keys = resume_keys
         self.draining = False
 
     def start(self, on_ready: Callable[[str], None] | None = None) -> None:
@@ -113,9 +126,22 @@ class Runtime:
         for engine in self.engines.values():
             engine.draining = True
 
+    def move_streams(self) -> int:
+        """Hands every open stream off with a resume token (`Moved`, after
+        its outputs so far); returns how many move. Without resume keys,
+        moves none: the caller ends them as before."""
+        if self.resume_keys is None:
+            return 0
+        return sum(e.move_streams() for e in self.engines.values())
+
     @property
     def active_streams(self) -> int:
         return sum(e.active_streams for e in self.engines.values())
+
+    @property
+    def open_handles(self) -> int:
+        """Streams a front door has not finished writing (moved ones included)."""
+        return sum(e.open_handles for e in self.engines.values())
 
     def snapshot(self) -> list[ModelStats]:
         """Every model's stats now (for metrics)."""
@@ -139,11 +165,13 @@ class Runtime:
         model: str,
         stream_id: str | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        resume_token: bytes | None = None,
     ) -> StreamHandle:
         """Admits a stream or raises at once: ModelNotFound, ResourceExhausted
         (no free slot, or the model is at capacity), Unavailable (draining,
-        compiling)."""
-        return self._engine(model).open_stream(loop, stream_id)
+        compiling). With `resume_token` (from a `Moved`), continues that
+        stream, or raises the token's `ResumeTokenError` (nothing restored)."""
+        return self._engine(model).open_stream(loop, stream_id, resume_token)
 
     def _engine(self, name: str) -> Engine:
         try:

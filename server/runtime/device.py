@@ -45,7 +45,8 @@ class Device:
     """One model's programs and slot state on its device(s).
 
     `build()` then `compile()` then `warm_up()`; after that the tick thread
-    alone calls `reset_slots`, `dispatch`, `fetch`, `staging`, `recycle`.
+    alone calls `reset_slots`, `write_rows`, `read_row`, `dispatch`,
+    `fetch`, `staging`, `recycle`.
     """
 
     def __init__(self, model: ServableModel, config: SchedulerConfig, chunk_frames: int) -> None:
@@ -58,6 +59,7 @@ class Device:
         self.rows = config.max_streams
         self.padding_slot = self.rows
         self.state: list[jax.Array] = []
+        self.row_layout: list[tuple[tuple[int, ...], np.dtype[Any]]] = []
         self._free_staging: dict[int, list[Staging]] = {}
 
     # Start-up ----------------------------------------------------------------------
@@ -119,6 +121,13 @@ class Device:
         )
         # Leaves of the state pytree, in `self._state_def` order.
         self.state = self._make_state()
+        # One stream's row of each leaf (slot axis removed): what a resume
+        # token carries, and the layout a token's state must have.
+        self._axes = jax.tree.leaves(self._batch_axes)
+        self.row_layout = [
+            (tuple(d for i, d in enumerate(leaf.shape) if i != ax), np.dtype(leaf.dtype))
+            for leaf, ax in zip(jax.tree.leaves(one), self._axes, strict=True)
+        ]
 
     def _tick_fns(self) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
         """(partial tick, full tick, reset one slot) on flat leaves, all pure
@@ -178,6 +187,14 @@ class Device:
             )
 
         var_def, state_def = self._var_def, self._state_def
+        self._read_row = lambda leaves, slot: [
+            jnp.squeeze(jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=ax), axis=ax)
+            for a, ax in zip(leaves, self._axes, strict=True)
+        ]
+        self._write_row = lambda leaves, slot, row: [
+            jax.lax.dynamic_update_slice_in_dim(a, jnp.expand_dims(r, ax), slot, axis=ax)
+            for a, r, ax in zip(leaves, row, self._axes, strict=True)
+        ]
 
         def on_leaves(tick: Callable[..., Any]) -> Callable[..., Any]:
             # (variables, state, ...) -> (variable leaves, state leaves, ...)
@@ -228,8 +245,18 @@ class Device:
             time.perf_counter() - start,
         )
         start = time.perf_counter()
-        lowered["reset"] = (
-            reset.lower(self.state, jax.ShapeDtypeStruct((), jnp.int32)),
+        slot_spec = jax.ShapeDtypeStruct((), jnp.int32)
+        lowered["reset"] = (reset.lower(self.state, slot_spec), time.perf_counter() - start)
+        # Stream migration: one slot's row to the host (hand-off), and a row
+        # from a resume token into a slot. Compiled with the rest so the
+        # first resumed stream pays no compile.
+        start = time.perf_counter()
+        row_spec = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self.row_layout]
+        read = jax.jit(self._read_row)
+        write = jax.jit(self._write_row, donate_argnums=(0,), out_shardings=self._state_sharding)
+        lowered["read_row"] = (read.lower(self.state, slot_spec), 0.0)
+        lowered["write_row"] = (
+            write.lower(self.state, slot_spec, row_spec),
             time.perf_counter() - start,
         )
 
@@ -248,10 +275,12 @@ class Device:
             return False
         self._compiled = {b: compiled[b] for b in self.buckets}
         self._full, self._reset = compiled["full"], compiled["reset"]
-        # The metric's "full" bucket counts the full tick and the reset together.
-        self.compile_seconds["full"] = self.compile_seconds.get("full", 0.0) + (
-            self.compile_seconds.pop("reset", 0.0)
-        )
+        self._read, self._write = compiled["read_row"], compiled["write_row"]
+        # The metric's "full" bucket counts the full tick and the slot programs together.
+        for key in ("reset", "read_row", "write_row"):
+            self.compile_seconds["full"] = self.compile_seconds.get("full", 0.0) + (
+                self.compile_seconds.pop(key, 0.0)
+            )
         return True
 
     def warm_up(self) -> dict[int, float]:
@@ -311,6 +340,24 @@ class Device:
         """Puts new streams' slots back to the initial state."""
         for slot in slots:
             self.state = self._reset(self.state, np.int32(slot))
+
+    def write_rows(self, rows: list[tuple[int, tuple[np.ndarray, ...]]]) -> None:
+        """Puts resumed streams' state rows (from their tokens) into their
+        slots, in place of the reset a new stream gets."""
+        for slot, row in rows:
+            self.state = self._write(self.state, np.int32(slot), list(row))
+
+    def read_row(self, slot: int) -> tuple[np.ndarray, ...]:
+        """One slot's state row on the host (a moving stream's, for its
+        token); waits for the ticks dispatched before it."""
+        return tuple(np.asarray(leaf) for leaf in self._read(self.state, np.int32(slot)))
+
+    def initial_row(self) -> tuple[np.ndarray, ...]:
+        """A new stream's state row (a stream that moves before its first step)."""
+        return tuple(
+            np.squeeze(np.asarray(leaf), axis=ax)
+            for leaf, ax in zip(jax.tree.leaves(self._init_one), self._axes, strict=True)
+        )
 
     def dispatch(self, slot_ids: np.ndarray, x: np.ndarray, lengths: np.ndarray) -> Any:
         """Starts one device call and returns its (not yet ready) outputs.

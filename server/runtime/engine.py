@@ -28,12 +28,22 @@ import numpy as np
 
 from server.errors import ResourceExhausted, StreamError, Unavailable
 from server.model import ModelInfo, ServableModel
+from server.resume import (
+    ResumeKeys,
+    ResumeNotConfigured,
+    StreamSnapshot,
+    TokenFingerprintMismatch,
+    check_state_layout,
+    model_fingerprint,
+    sign_token,
+    verify_token,
+)
 from server.runtime import router
 from server.runtime.config import SchedulerConfig
 from server.runtime.device import Device
 from server.runtime.scheduler import Delivery, Scheduler, Staging, Tick
-from server.runtime.stream import Stream, StreamHandle
-from server.stats import SchedulerStats, TickStats
+from server.runtime.stream import Handoff, Phase, Stream, StreamHandle
+from server.stats import SchedulerStats, StreamReleased, TickStats
 
 # Longest the tick thread sleeps without a reason to wake (timeouts are
 # checked on every wake-up anyway).
@@ -46,6 +56,8 @@ class DeviceRunner(Protocol):
     """What the engine needs of a device (`Device`, or a fake in tests)."""
 
     compile_seconds: dict[Any, float]
+    # One stream's state row: (shape, dtype) per leaf, set by `build`.
+    row_layout: list[tuple[tuple[int, ...], Any]]
 
     def build(self) -> None: ...
     def compile(self, stopping: Callable[[], bool]) -> bool: ...
@@ -53,6 +65,9 @@ class DeviceRunner(Protocol):
     def staging(self, bucket: int) -> Staging: ...
     def recycle(self, staged: Staging) -> None: ...
     def reset_slots(self, slots: list[int]) -> None: ...
+    def write_rows(self, rows: list[tuple[int, tuple[np.ndarray, ...]]]) -> None: ...
+    def read_row(self, slot: int) -> tuple[np.ndarray, ...]: ...
+    def initial_row(self) -> tuple[np.ndarray, ...]: ...
     def dispatch(self, slot_ids: np.ndarray, x: np.ndarray, lengths: np.ndarray) -> Any: ...
     def fetch(self, outputs: Any) -> tuple[np.ndarray, np.ndarray]: ...
     def state_lost(self) -> bool: ...
@@ -86,6 +101,12 @@ class Engine:
             output_latency=self.info.output_latency,
             record=self._record,
         )
+        # Stream migration: set by the runtime when it has resume keys.
+        self.resume_keys: ResumeKeys | None = None
+        self.fingerprint = ""
+        # Handles whose door has not finished with them (a draining server
+        # waits for these, so `moved` messages are written before it exits).
+        self.open_handles = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -97,6 +118,9 @@ class Engine:
     def start(self) -> None:
         """Allocates device state, compiles every bucket, starts the tick thread."""
         self.device.build()
+        if self.resume_keys is not None:
+            # Once, at start: it reads every parameter to the host.
+            self.fingerprint = model_fingerprint(self.model)
         if not self.device.compile(lambda: self._stopping):
             return  # stopped while compiling: never start ticking
         for bucket, seconds in self.device.warm_up().items():
@@ -152,16 +176,74 @@ class Engine:
     # Streams (the doors' event loops) ------------------------------------------------
 
     def open_stream(
-        self, loop: asyncio.AbstractEventLoop | None = None, stream_id: str | None = None
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        stream_id: str | None = None,
+        resume_token: bytes | None = None,
     ) -> StreamHandle:
-        """Admits a stream or refuses at once (draining, compiling, full, at capacity)."""
+        """Admits a stream or refuses at once (draining, compiling, full, at
+        capacity). With `resume_token`, continues the stream another server
+        handed off, or refuses the token (`ResumeTokenError`: nothing is
+        restored)."""
         loop = loop or asyncio.get_running_loop()
+        snapshot = None if resume_token is None else self._verify(resume_token)
         with self._cond:
-            stream = self.scheduler.add(stream_id or uuid.uuid4().hex, time.monotonic())
+            now = time.monotonic()
+            if snapshot is None:
+                stream = self.scheduler.add(stream_id or uuid.uuid4().hex, now)
+                done: list[Delivery] = []
+            else:
+                stream, done = self.scheduler.resume(stream_id or snapshot.stream_id, now, snapshot)
             handle = StreamHandle(self, stream, self.info, loop, self.config.max_chunk_frames)
             stream.mailbox = handle.mailbox
+            if snapshot is not None:
+                handle.resume_segments(snapshot.extra.get("segments"))
+            self.open_handles += 1
+            self._route(done)
             self._cond.notify()  # one more stream that may join a tick
             return handle
+
+    def _verify(self, token: bytes) -> StreamSnapshot:
+        """The snapshot in a client's token, checked against this model."""
+        if self.resume_keys is None:
+            raise ResumeNotConfigured(
+                "this server does not resume streams (it has no --resume-key-file); "
+                "resume on a replica of the deployment that moved the stream."
+            )
+        snapshot = verify_token(
+            token, self.resume_keys, model_name=self.model.name, fingerprint=self.fingerprint
+        )
+        check_state_layout(snapshot.state, self.device.row_layout)
+        spec = self.model.input_spec
+        buffered = snapshot.buffered_input
+        if buffered.shape[1:] != tuple(spec.shape) or buffered.dtype != np.dtype(spec.dtype):
+            raise TokenFingerprintMismatch(
+                f"resume token's buffered input is {buffered.shape[1:]} {buffered.dtype}; model "
+                f"{self.model.name!r} takes {tuple(spec.shape)} {np.dtype(spec.dtype)}."
+            )
+        return snapshot
+
+    def sign(self, snapshot: StreamSnapshot) -> bytes:
+        """A moving stream's token (on its door's loop); TokenTooLarge if it
+        cannot travel."""
+        assert self.resume_keys is not None  # only streams of a keyed server move
+        return sign_token(
+            snapshot, self.resume_keys, model_name=self.model.name, fingerprint=self.fingerprint
+        )
+
+    def move_streams(self) -> int:
+        """Hands every open stream off (the server drains with resume keys):
+        each gets `Moved` once its ticks in flight are delivered. Returns
+        how many will move."""
+        with self._cond:
+            moving = self.scheduler.begin_moves()
+            self._cond.notify()
+            return moving
+
+    def release(self) -> None:
+        with self._cond:
+            self.open_handles -= 1
+        self._record(StreamReleased(self.model.name))
 
     def push(self, stream: Stream, x: np.ndarray) -> None:
         with self._cond:
@@ -196,6 +278,7 @@ class Engine:
         pending: Tick | None = None
         while True:
             tick = None
+            moves: list[Stream] = []
             with self._cond:
                 while not self._stopping:
                     start = time.perf_counter()
@@ -203,11 +286,12 @@ class Engine:
                         time.monotonic(), pending is not None, self.device.staging
                     )
                     self._route(out.deliveries)
+                    moves = out.moves
                     if out.tick is not None:
                         tick = out.tick
                         tick.host_seconds = time.perf_counter() - start
                         break
-                    if pending is not None:
+                    if pending is not None or moves:
                         break  # deliver the tick in flight; never block on it
                     self._cond.wait(min(max(out.wait_s, _MIN_WAIT_S), _MAX_WAIT_S))
                 stopping = self._stopping
@@ -215,6 +299,8 @@ class Engine:
                 self._dispatch(tick, device_idle=pending is None)
             if pending is not None:
                 self._complete(pending)
+            if moves:
+                self._hand_off(moves)
             pending = tick
             if stopping and pending is None:
                 return
@@ -231,6 +317,8 @@ class Engine:
             _sched_yield()
         try:
             self.device.reset_slots(tick.new_slots)
+            if tick.restores:
+                self.device.write_rows(tick.restores)
             staged = tick.staged
             tick.outputs = self.device.dispatch(staged.slots, staged.x, staged.taken)
         except Exception as e:  # a device failure ends these streams, not the server
@@ -249,6 +337,33 @@ class Engine:
         lost = ResourceExhausted(f"device step failed; stream state lost: {error}")
         with self._cond:
             self._route(self.scheduler.fail_all(lost))
+
+    def _hand_off(self, streams: list[Stream]) -> None:
+        """Moving streams with nothing in flight: their state rows to the
+        host, then each ends with its `Handoff` (after every output it was
+        given, in its queue already). Their rows cannot change meanwhile:
+        a moving stream is never in a tick."""
+        rows: list[tuple[np.ndarray, ...] | Exception] = []
+        for stream in streams:
+            try:
+                if stream.restore_state is not None:  # resumed, never stepped here
+                    rows.append(stream.restore_state)
+                elif stream.needs_reset:  # never stepped: its slot holds another's state
+                    rows.append(self.device.initial_row())
+                else:
+                    rows.append(self.device.read_row(stream.slot))
+            except Exception as e:  # the device failed: this stream ends as without a key
+                rows.append(e)
+        spec = self.model.input_spec
+        empty = np.zeros((0, *spec.shape), spec.dtype)
+        with self._cond:
+            for stream, row in zip(streams, rows, strict=True):
+                if isinstance(row, Exception):
+                    error = Unavailable(f"the server is draining; the stream could not move: {row}")
+                    self._route(self.scheduler.cancel(stream, error, "error"))
+                elif stream.phase is not Phase.DONE:  # not cancelled meanwhile
+                    handoff = Handoff(stream.snapshot(row, empty))
+                    self._route(self.scheduler.hand_off(stream, handoff))
 
     def _complete(self, tick: Tick) -> None:
         """Waits for a dispatched tick's outputs and routes them to streams."""

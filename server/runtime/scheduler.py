@@ -1,9 +1,10 @@
 """The `Scheduler`: one model's slot table behind a small interface.
 
-    add(stream_id)            admit a stream into a free slot, or refuse it
+    add(stream_id) / resume   admit a stream (or continue a moved one) into a free slot
     push / end / cancel       a stream's input and lifecycle
     schedule(now, ...)        the next tick's streams, staged; or how long to wait
     update_from_output(...)   route a tick's outputs to its streams
+    begin_moves / hand_off    migration: stop ticking, then end each with its state
     snapshot()                a `SchedulerStats`
 
 It is plain single-threaded code: no jax, no locks, no clock (callers pass
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from server.errors import DeadlineExceeded, ResourceExhausted, StreamError
+from server.resume import StreamSnapshot
 from server.runtime import policy
 from server.runtime.config import SchedulerConfig
 from server.runtime.stream import CANCELLED, Phase, Stream
@@ -62,6 +64,8 @@ class Tick:
     started_at: float
     waits: tuple[float, ...]
     input_frames: int  # valid input frames staged
+    # Resumed streams stepped for the first time: (slot, state row) to write.
+    restores: list[tuple[int, tuple[np.ndarray, ...]]] = dataclasses.field(default_factory=list)
     # Set by the engine on its way through the device.
     host_seconds: float = 0.0
     dispatch_seconds: float = 0.0
@@ -77,6 +81,8 @@ class SchedulerOutput:
     tick: Tick | None
     wait_s: float
     deliveries: list[Delivery]
+    # Moving streams with nothing in flight: the engine hands them off now.
+    moves: list[Stream] = dataclasses.field(default_factory=list)
 
 
 class Scheduler:
@@ -154,6 +160,18 @@ class Scheduler:
         self._streams[slot] = stream
         return stream
 
+    def resume(
+        self, stream_id: str, now: float, snapshot: StreamSnapshot
+    ) -> tuple[Stream, list[Delivery]]:
+        """`add`, continuing the verified `snapshot` of a stream another
+        server handed off (its state row is written into the slot before its
+        first step). Also returns the deliveries of a stream already done."""
+        stream = self.add(stream_id, now)
+        out: list[Delivery] = []
+        if stream.restore(snapshot, now):
+            self._finish(stream, stream.ended(), "ok", out)
+        return stream, out
+
     def push(self, stream: Stream, x: np.ndarray, now: float) -> bool:
         """Buffers a stream's validated input; True if a chunk became ready
         (only then can a tick start sooner: wake the tick loop)."""
@@ -174,6 +192,22 @@ class Scheduler:
             self._finish(stream, CANCELLED if error is None else error, outcome, out)
         return out
 
+    def begin_moves(self) -> int:
+        """The server drains with migration on: no stream ticks again, and
+        each one moves once its ticks in flight are delivered (`schedule`
+        returns it in `moves`). Returns the streams that will move."""
+        for stream in self._streams.values():
+            stream.moving = True
+            stream.ready_since = None
+        return len(self._streams)
+
+    def hand_off(self, stream: Stream, item: Any) -> list[Delivery]:
+        """Ends a moved stream with its `Handoff` item and frees its slot."""
+        out: list[Delivery] = []
+        if stream.phase is not Phase.DONE:
+            self._finish(stream, item, "moved", out)
+        return out
+
     # Ticks -----------------------------------------------------------------------
 
     def schedule(
@@ -187,8 +221,12 @@ class Scheduler:
         ready: list[Stream] = []
         joinable = 0
         expected: list[float] = []
+        moves: list[Stream] = []
         for s in self._streams.values():
-            if s.ready_since is not None:
+            if s.moving:
+                if not s.in_flight:
+                    moves.append(s)
+            elif s.ready_since is not None:
                 ready.append(s)
             elif s.blocked:
                 # Its client may have read since (see `Stream.mark_read`).
@@ -212,10 +250,10 @@ class Scheduler:
             tick_estimate_s=self.tick_times.estimate(bucket) if ready else 0.0,
         )
         if not plan.go:
-            return SchedulerOutput(None, min(wait_s, plan.wait_s), deliveries)
+            return SchedulerOutput(None, min(wait_s, plan.wait_s), deliveries, moves)
         tick = self._stage(ready, bucket, now, staging)
         self.look_ahead_ticks += device_busy
-        return SchedulerOutput(tick, 0.0, deliveries)
+        return SchedulerOutput(tick, 0.0, deliveries, moves)
 
     def _bucket(self, n: int) -> int:
         return policy.bucket_for(n, self.buckets, self.config.max_streams)
@@ -237,16 +275,21 @@ class Scheduler:
         staged = staging(bucket)
         x, slots, taken = staged.x, staged.slots, staged.taken
         new_slots = []
+        restores = []
         for i, stream in enumerate(batch):
             if stream.needs_reset:
                 new_slots.append(stream.slot)
+            elif stream.restore_state is not None:
+                restores.append((stream.slot, stream.restore_state))
             taken[i] = stream.take_chunk(x[i], now)
             slots[i] = stream.slot
         if n < bucket:  # padding rows: no stream, all invalid zeros
             x[n:] = 0
             taken[n:] = 0
             slots[n:] = staged.padding_slot
-        return Tick(batch, bucket, staged, new_slots, now, waits, int(taken[:n].sum()))
+        tick = Tick(batch, bucket, staged, new_slots, now, waits, int(taken[:n].sum()))
+        tick.restores = restores
+        return tick
 
     def update_from_output(
         self,

@@ -24,13 +24,14 @@ import enum
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 import numpy as np
 
-from server.errors import InvalidArgument, ResourceExhausted, StreamError
+from server.errors import InvalidArgument, ResourceExhausted, StreamError, Unavailable
 from server.model import ModelInfo, prepare_input
+from server.resume import ResumeTokenError, StreamSnapshot
 from server.runtime import policy
 from server.runtime.router import Mailbox
 from server.segments import SegmentOptions, SpeechEvent, SpeechSegmenter
@@ -75,6 +76,25 @@ class Ended:
     ticks: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Moved:
+    """The server handed the stream off (it drains): the client resumes it
+    elsewhere with `resume_token`, resending its input from frame
+    `frames_received` on. The stream's last item."""
+
+    resume_token: bytes
+    frames_received: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Handoff:
+    """Queued by the scheduler in place of `Ended` for a moved stream: its
+    host state and state row. Its handle signs it into a `Moved` on the
+    door's loop, after the outputs before it (and their speech events)."""
+
+    snapshot: StreamSnapshot
+
+
 @dataclasses.dataclass(slots=True)
 class InFlight:
     """One chunk of a stream inside a dispatched tick (ticks are delivered in
@@ -105,6 +125,10 @@ class Stream:
         self._max_backlog = max_backlog
         # Its slot still holds the last stream's state: reset before its first step.
         self.needs_reset = True
+        # A resumed stream's state row: written into its slot before its first step.
+        self.restore_state: tuple[np.ndarray, ...] | None = None
+        # The server drains: no more ticks; once none is in flight, it moves.
+        self.moving = False
         # Client samples not yet stepped, with the time each piece arrived.
         self._buffer: deque[tuple[np.ndarray, float]] = deque()
         self.buffered = 0
@@ -138,6 +162,9 @@ class Stream:
     def push(self, x: np.ndarray, now: float, max_buffered: int) -> bool:
         """Buffers validated samples; True if a chunk just became ready."""
         if self.phase is Phase.DONE:
+            if self.outcome == "moved":
+                # The client resends these from `frames_received` on its new server.
+                return False
             raise InvalidArgument("the stream has already ended; open a new stream.")
         if self.phase is Phase.ENDING:
             raise InvalidArgument("chunk after end of stream; send chunks before `end`.")
@@ -180,6 +207,7 @@ class Stream:
         """Sets `ready_since`; True if a chunk just became ready."""
         ready = (
             self.phase is not Phase.DONE
+            and not self.moving
             and len(self.in_flight) < MAX_IN_FLIGHT
             and self.items_queued - self.items_read < self._max_backlog
             and self._has_chunk()
@@ -219,12 +247,17 @@ class Stream:
     @property
     def blocked(self) -> bool:
         """Has a chunk but may not tick now (backpressure, or two in flight)."""
-        return self.ready_since is None and self.phase is not Phase.DONE and self._has_chunk()
+        return (
+            self.ready_since is None
+            and self.phase is not Phase.DONE
+            and not self.moving
+            and self._has_chunk()
+        )
 
     @property
     def waiting_for_input(self) -> bool:
         """Open, and short of a chunk because the client has not sent it yet."""
-        return self.phase is Phase.OPEN and self.buffered < self._chunk
+        return self.phase is Phase.OPEN and not self.moving and self.buffered < self._chunk
 
     @property
     def expected_at(self) -> float | None:
@@ -260,6 +293,7 @@ class Stream:
         final = self.phase is Phase.ENDING and self.buffered == 0 and self._flush_frames <= 0
         self.in_flight.append(InFlight(received_at, final))
         self.needs_reset = False
+        self.restore_state = None
         self.ready_since = None
         self.update_ready(now)  # a second chunk may already be buffered
         return taken
@@ -300,6 +334,49 @@ class Stream:
     def ended(self) -> Ended:
         return Ended(self.frames_in, self.frames_out, self.ticks)
 
+    # Migration ---------------------------------------------------------------------
+
+    def restore(self, snapshot: StreamSnapshot, now: float) -> bool:
+        """Continues a stream another server handed off: counters, buffered
+        input, the latency flush under way; its state row goes into the
+        slot before its first step. True if it has nothing left to do (an
+        ending stream whose last outputs were sent): the caller finishes it."""
+        self.frames_in = snapshot.frames_received
+        self.frames_out = snapshot.frames_emitted
+        self.ticks = snapshot.ticks
+        self._to_drop = snapshot.outputs_to_drop
+        n = snapshot.buffered_input.shape[0]
+        if n:
+            self._buffer.append((snapshot.buffered_input, now))
+            self.buffered = n
+        self.restore_state = snapshot.state
+        self.needs_reset = False
+        if snapshot.ending:
+            self.phase = Phase.ENDING
+            self._flush_frames = snapshot.flush_frames
+            if not self._has_chunk():
+                return True
+        self.update_ready(now)
+        return False
+
+    def snapshot(self, state: tuple[np.ndarray, ...], empty_input: np.ndarray) -> StreamSnapshot:
+        """Its host state and `state` (its row of the model state) for a
+        hand-off; call with nothing in flight, so every output was queued."""
+        pieces = [piece for piece, _ in self._buffer]
+        buffered = np.concatenate(pieces) if pieces else empty_input
+        return StreamSnapshot(
+            stream_id=self.stream_id,
+            frames_received=self.frames_in,
+            frames_consumed=self.frames_in - self.buffered,
+            frames_emitted=self.frames_out,
+            ticks=self.ticks,
+            outputs_to_drop=self._to_drop,
+            buffered_input=buffered,
+            state=state,
+            ending=self.phase is Phase.ENDING,
+            flush_frames=self._flush_frames if self.phase is Phase.ENDING else 0,
+        )
+
 
 class StreamOwner(Protocol):
     """What a `StreamHandle` asks of the engine that owns its stream."""
@@ -308,6 +385,8 @@ class StreamOwner(Protocol):
     def end(self, stream: Stream) -> None: ...
     def cancel(self, stream: Stream, error: StreamError | None, outcome: str) -> None: ...
     def wake(self) -> None: ...
+    def release(self) -> None: ...
+    def sign(self, snapshot: StreamSnapshot) -> bytes: ...
 
 
 class StreamHandle:
@@ -336,6 +415,11 @@ class StreamHandle:
         self._max_chunk_frames = max_chunk_frames
         # Set by `request_segments`; runs on the door's loop in `outputs()`.
         self._segmenter: SpeechSegmenter | None = None
+        # A resumed stream: the index of its next output frame, and the
+        # segmenter's state it carried.
+        self.output_offset = stream.frames_out
+        self._segments_state: dict[str, Any] | None = None
+        self._released = False
 
     @property
     def backlog(self) -> int:
@@ -360,8 +444,18 @@ class StreamHandle:
         self._owner.end(self._stream)
 
     def cancel(self) -> None:
-        """Client went away: frees the slot at once and ends `outputs()`."""
+        """Client went away (or its door is done with the stream): frees the
+        slot at once and ends `outputs()`."""
         self._owner.cancel(self._stream, None, "cancelled")
+        if not self._released:
+            # The door has written all it will: a draining server waits for this.
+            self._released = True
+            self._owner.release()
+
+    def resume_segments(self, state: Mapping[str, Any] | None) -> None:
+        """A resumed stream's segmenter state (from its token), applied by
+        `request_segments` (the client asks for segments again)."""
+        self._segments_state = dict(state) if state else None
 
     def fail(self, error: StreamError, outcome: str = "error") -> None:
         """Ends the stream with `error`, which `outputs()` raises."""
@@ -382,10 +476,13 @@ class StreamHandle:
                 f"model {info.name!r}: output_ratio {info.output_ratio} is not 1/n."
             )
         self._segmenter = SpeechSegmenter(options, int(window), info.sample_rate or 16000)
+        if self._segments_state is not None:
+            self._segmenter.restore(self._segments_state)
 
-    async def outputs(self) -> AsyncIterator[Output | SpeechEvent | Ended]:
+    async def outputs(self) -> AsyncIterator[Output | SpeechEvent | Ended | Moved]:
         """Yields `Output`s (each followed by the `SpeechEvent`s it causes, if
-        requested), then one `Ended`; raises the stream's `StreamError`."""
+        requested), then one `Ended`, or one `Moved` when the draining server
+        hands the stream off; raises the stream's `StreamError`."""
         while True:
             item = await self._queue.get()
             if self._stream.mark_read(time.monotonic()):
@@ -394,12 +491,29 @@ class StreamHandle:
                 return
             if isinstance(item, StreamError):
                 raise item
+            if isinstance(item, Handoff):
+                yield self._moved(item.snapshot)
+                return
             yield item
             if isinstance(item, Ended):
                 return
             if self._segmenter is not None:
                 for event in self._segmenter.push(item.frames[:, 0].tolist()):
                     yield event
+
+    def _moved(self, snapshot: StreamSnapshot) -> Moved:
+        """Signs the hand-off; every output before it went through the
+        segmenter, whose state travels too."""
+        if self._segmenter is not None:
+            snapshot = dataclasses.replace(snapshot, extra={"segments": self._segmenter.state()})
+        try:
+            token = self._owner.sign(snapshot)
+        except ResumeTokenError as e:  # too large, or a state no token can carry
+            # As before migration existed: the client reconnects from scratch.
+            raise Unavailable(
+                f"the server is draining and cannot hand this stream off: {e}"
+            ) from None
+        return Moved(token, snapshot.frames_received)
 
     def _validate(self, samples: Any) -> np.ndarray:
         x = np.asarray(samples)

@@ -61,6 +61,7 @@ class FakeDevice:
         self.valid = np.zeros((rows, latency), bool)
         self.dispatched: list[list[int]] = []
         self.resets: list[int] = []
+        self.restored: list[int] = []
         self.hold: threading.Event | None = None
         self.fail_next = False
 
@@ -89,6 +90,21 @@ class FakeDevice:
             self.frames[slot] = 0
             self.valid[slot] = False
             self.resets.append(slot)
+
+    @property
+    def row_layout(self) -> list[tuple[tuple[int, ...], np.dtype[Any]]]:
+        return [((self.latency,), np.dtype(np.float32)), ((self.latency,), np.dtype(bool))]
+
+    def read_row(self, slot: int) -> tuple[np.ndarray, ...]:
+        return self.frames[slot].copy(), self.valid[slot].copy()
+
+    def write_rows(self, rows: list[tuple[int, tuple[np.ndarray, ...]]]) -> None:
+        for slot, (frames, valid) in rows:
+            self.frames[slot], self.valid[slot] = frames, valid
+            self.restored.append(slot)
+
+    def initial_row(self) -> tuple[np.ndarray, ...]:
+        return np.zeros((self.latency,), np.float32), np.zeros((self.latency,), bool)
 
     def dispatch(self, slot_ids: np.ndarray, x: np.ndarray, lengths: np.ndarray) -> Any:
         if self.fail_next:

@@ -1,6 +1,8 @@
 """The built-in models stream exactly like `layer()`: 16 concurrent streams
-each, random chunk sizes, random start times. Input lengths come from a few
-values so the offline oracle compiles only a few times."""
+each, random chunk sizes, random start times; and two of those streams move
+(stream migration: one mid-input, one mid-flush) and resume exactly. Input
+lengths come from a few values so the offline oracle compiles only a few
+times."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import numpy as np
 import pytest
 
 from server.defaults import BUILTIN_MODELS
+from server.resume import ResumeKeys
 from server.runtime import Engine, SchedulerConfig
-from tests.server.streaming import drive
+from tests.server.streaming import drive, move_and_resume
 
 # name -> (input lengths in frames, largest client chunk)
 CASES = {
@@ -29,6 +32,7 @@ def test_default_model_streams_equal_offline(name: str) -> None:
         model,
         SchedulerConfig(max_streams=16, chunk_blocks=1, max_batch_delay_ms=2, buckets=(16,)),
     )
+    scheduler.resume_keys = ResumeKeys((b"d" * 40,))
     scheduler.start()
     try:
         rng = np.random.default_rng(0)
@@ -62,6 +66,12 @@ def test_default_model_streams_equal_offline(name: str) -> None:
             assert len(y) > 0
             np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
             assert ended.frames_in == len(x) and ended.frames_out == len(y)
+        assert scheduler.active_streams == 0
+        # Migration: every state leaf (KV caches, conv buffers, STFT frames)
+        # and the latency flush survive a move; the engine is compiled already.
+        moved = asyncio.run(move_and_resume(scheduler, inputs[:2]))
+        for x, y in zip(inputs[:2], moved, strict=True):
+            np.testing.assert_allclose(y, model.offline(x), rtol=1e-5, atol=1e-5)
         assert scheduler.active_streams == 0
     finally:
         scheduler.stop()

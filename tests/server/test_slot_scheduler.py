@@ -61,6 +61,7 @@ class Harness:
 
     def run(self, tick: Tick) -> int:
         self.device.reset_slots(tick.new_slots)
+        self.device.write_rows(tick.restores)
         staged = tick.staged
         y, y_mask = self.device.dispatch(staged.slots, staged.x, staged.taken)
         deliveries, frames = self.scheduler.update_from_output(tick, y, y_mask, self.now, 0.001)

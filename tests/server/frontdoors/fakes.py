@@ -13,7 +13,7 @@ import numpy as np
 
 from server.errors import InvalidArgument, ModelNotFound, StreamError, Unavailable
 from server.model import ModelInfo
-from server.runtime import Ended, Output
+from server.runtime import Ended, Moved, Output
 from server.segments import SegmentOptions, SpeechEvent
 
 # Ends `outputs()` quietly, as a cancelled stream's does.
@@ -50,6 +50,10 @@ class FakeHandle:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._frames_out = 0
         self._done = False
+        # A resumed stream's next output frame (the WebSocket `started` says it).
+        self.output_offset = 0
+        # Set: the stream moves (the server drains) after its first chunk.
+        self.moves = False
 
     def request_segments(self, options: SegmentOptions) -> None:
         if not self.info.speech_segments:
@@ -66,6 +70,9 @@ class FakeHandle:
         self.sent.append(x)
         self._queue.put_nowait(Output(2 * x, self._frames_out, time.monotonic()))
         self._frames_out += x.shape[0]
+        if self.moves:
+            self._done = True
+            self._queue.put_nowait(Moved(b"\xfftoken", sum(len(x) for x in self.sent)))
         if self.segments is not None and self._frames_out == x.shape[0]:
             self._queue.put_nowait(SpeechEvent("speech_started", 0))
 
@@ -88,7 +95,7 @@ class FakeHandle:
             self._done = True
             self._queue.put_nowait(error)
 
-    async def outputs(self) -> AsyncIterator[Output | SpeechEvent | Ended]:
+    async def outputs(self) -> AsyncIterator[Output | SpeechEvent | Ended | Moved]:
         while True:
             item = await asyncio.wait_for(self._queue.get(), timeout=10)
             if item is _CANCELLED:
@@ -96,7 +103,7 @@ class FakeHandle:
             if isinstance(item, StreamError):
                 raise item
             yield item
-            if isinstance(item, Ended):
+            if isinstance(item, Ended | Moved):
                 return
 
 
@@ -108,15 +115,23 @@ class FakeRuntime:
         self.draining = False
         self.recorded: list[Any] = []
         self.handles: list[FakeHandle] = []
+        self.tokens: list[bytes] = []  # resume tokens streams were opened with
+        self.moves = False  # every stream moves after its first chunk
 
     @property
     def ready(self) -> bool:
         return not self.draining
 
-    def open_stream(self, model: str, stream_id: str | None = None) -> FakeHandle:
+    def open_stream(
+        self, model: str, stream_id: str | None = None, *, resume_token: bytes | None = None
+    ) -> FakeHandle:
         if self.draining:
             raise Unavailable("draining")
         handle = FakeHandle(self.get_model(model), stream_id or f"s{len(self.handles)}")
+        handle.moves = self.moves
+        if resume_token is not None:
+            self.tokens.append(resume_token)
+            handle.output_offset = 7
         self.handles.append(handle)
         return handle
 

@@ -142,3 +142,38 @@ def test_a_client_that_leaves_cancels_its_stream_quietly() -> None:
     assert [t["type"] for t in texts(sent)] == ["started"]
     assert closed_with(sent) is None
     assert runtime.handles[0].calls == ["send", "cancel", "cancel"]
+
+
+def test_a_moved_stream_gets_moved_then_close_1001() -> None:
+    runtime = FakeRuntime()
+    runtime.moves = True
+    sent = converse([binary(np.ones((3, 2), np.float32))], runtime=runtime)
+    assert texts(sent)[-1] == {"type": "moved", "resume_token": "/3Rva2Vu", "frames_received": 3}
+    assert sent[-1] == {"type": "websocket.close", "code": 1001, "reason": "moved"}
+    assert "bytes" in sent[2]  # after `started`, the outputs before it
+
+
+def test_resume_token_in_the_query_or_the_first_message() -> None:
+    token = b"\xfftoken"
+    for query, first in (
+        ("resume_token=_3Rva2Vu", []),  # base64url, unpadded
+        (
+            "resume=1",
+            [
+                {
+                    "type": "websocket.receive",
+                    "text": '{"type": "config", "resume_token": "/3Rva2Vu"}',
+                }
+            ],
+        ),
+    ):
+        runtime = FakeRuntime()
+        sent = converse([*first, END], query=query, runtime=runtime)
+        started = texts(sent)[0]
+        assert started["type"] == "started" and started["output_offset"] == 7, query
+        assert runtime.tokens == [token], query
+    # Not a resume: no `output_offset`; a bad token: INVALID_ARGUMENT, 1007.
+    assert "output_offset" not in texts(converse([END]))[0]
+    sent = converse([END], query="resume_token=%25%25")
+    assert texts(sent)[0]["code"] == "INVALID_ARGUMENT"
+    assert closed_with(sent) == 1007

@@ -1,0 +1,298 @@
+"""Stream migration in process: two `Runtime`s with the same model and keys
+stand for two replicas. A stream moved off the first (its state row read
+from the device, signed) and resumed on the second (the row written into a
+free slot) gives exactly what one uninterrupted stream gives (== offline);
+refused tokens restore nothing and leave the server serving."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import sequence_layers as sl
+from sequence_layers import testing
+from server import resume
+from server.defaults import BUILTIN_MODELS
+from server.errors import Unavailable
+from server.model import ServableModel, init_variables
+from server.resume import ResumeKeys, ResumeTokenError
+from server.runtime import (
+    Ended,
+    Engine,
+    Moved,
+    Output,
+    Runtime,
+    SchedulerConfig,
+    StreamHandle,
+)
+from server.segments import SegmentOptions, SpeechEvent, SpeechSegmenter
+from tests.server.vad_audio import speech_mix, wheel_or_skip
+
+KEYS = ResumeKeys((b"a" * 40,))
+FOREIGN = ResumeKeys((b"b" * 40,))
+SCHED = SchedulerConfig(max_streams=4, buckets=(4,), max_batch_delay_ms=1.0)
+
+
+def _asr_like() -> ServableModel:
+    """Input latency (reverse-causal conv), a strided conv and a KV cache."""
+    config = sl.Serial.Config(
+        (
+            sl.Conv1D.Config(filters=4, kernel_size=3, padding="reverse_causal"),
+            sl.Conv1D.Config(filters=4, kernel_size=3, strides=2, padding="causal"),
+            sl.DotProductSelfAttention.Config(num_heads=2, units_per_head=2, max_past_horizon=5),
+            sl.Flatten.Config(),
+            sl.LSTM.Config(units=3),
+        )
+    )
+    return ServableModel("asr", config, init_variables(config, (2,), seed=3), (2,))
+
+
+def _upsampler() -> ServableModel:
+    """output_ratio 3: a transposed conv after a causal conv."""
+    config = sl.Serial.Config(
+        (
+            sl.Conv1D.Config(filters=3, kernel_size=3, padding="causal"),
+            sl.Conv1DTranspose.Config(filters=2, kernel_size=6, strides=3, padding="causal"),
+        )
+    )
+    return ServableModel("up", config, init_variables(config, (2,), seed=4), (2,))
+
+
+@pytest.fixture(scope="module")
+def replicas() -> Iterator[tuple[Runtime, Runtime]]:
+    """Two replicas of the same two models, sharing a key."""
+    models = [_asr_like(), _upsampler()]
+    first = Runtime({m.name: m for m in models}, SCHED, resume_keys=KEYS)
+    second = Runtime({m.name: dataclasses.replace(m) for m in models}, SCHED, resume_keys=KEYS)
+    first.start()
+    second.start()
+    yield first, second
+    first.stop()
+    second.stop()
+
+
+async def _collect(handle: StreamHandle, outputs: dict[int, np.ndarray]) -> Ended | Moved:
+    async for item in handle.outputs():
+        if isinstance(item, Output):
+            outputs[item.offset] = item.frames
+        elif isinstance(item, Ended | Moved):
+            return item
+    raise AssertionError("outputs() ended without Ended or Moved")
+
+
+def _joined(outputs: dict[int, np.ndarray]) -> np.ndarray:
+    at = 0
+    pieces = []
+    for offset in sorted(outputs):
+        assert offset == at, f"output offsets {sorted(outputs)}: a gap or an overlap at {at}"
+        pieces.append(outputs[offset])
+        at += outputs[offset].shape[0]
+    return np.concatenate(pieces)
+
+
+async def _move_and_resume(
+    source: Runtime, target: Runtime, model: str, x: np.ndarray, sent: int, ended: bool
+) -> tuple[np.ndarray, Moved]:
+    """Streams `x[:sent]` (and `end` if `ended`) on `source`, moves it, then
+    resumes it on `target` with the rest."""
+    outputs: dict[int, np.ndarray] = {}
+    handle = source.open_stream(model)
+    for start in range(0, sent, 5):
+        handle.send(x[start : min(start + 5, sent)])
+        await asyncio.sleep(0.002)  # some ticks run before the move
+    if ended:
+        handle.end()
+    source.engines[model].move_streams()
+    moved = await _collect(handle, outputs)
+    handle.cancel()
+    assert isinstance(moved, Moved)
+    assert moved.frames_received == sent
+    resumed = target.open_stream(model, resume_token=moved.resume_token)
+    assert resumed.output_offset == sum(o.shape[0] for o in outputs.values())
+    if moved.frames_received < x.shape[0]:
+        resumed.send(x[moved.frames_received :])
+    resumed.end()
+    assert isinstance(await _collect(resumed, outputs), Ended)
+    resumed.cancel()
+    return _joined(outputs), moved
+
+
+@pytest.mark.parametrize(
+    ("model", "sent", "ended"),
+    [("asr", 23, False), ("asr", 40, True), ("asr", 0, False), ("up", 17, False)],
+)
+def test_moved_stream_resumes_exactly(
+    replicas: tuple[Runtime, Runtime], model: str, sent: int, ended: bool
+) -> None:
+    first, second = replicas
+    x = np.random.default_rng(sent).normal(size=(40, 2)).astype(np.float32)
+
+    async def run() -> tuple[np.ndarray, Moved]:
+        return await _move_and_resume(first, second, model, x, sent, ended)
+
+    y, moved = asyncio.run(run())
+    expected = first.engines[model].model.offline(x)
+    testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
+    assert first.active_streams == second.active_streams == 0
+    assert len(moved.resume_token) < 64 * 1024
+
+
+def _token(replicas: tuple[Runtime, Runtime]) -> bytes:
+    first, _ = replicas
+
+    async def run() -> bytes:
+        handle = first.open_stream("asr")
+        handle.send(np.ones((9, 2), np.float32))
+        await asyncio.sleep(0.01)
+        first.engines["asr"].move_streams()
+        moved = await _collect(handle, {})
+        handle.cancel()
+        assert isinstance(moved, Moved)
+        return moved.resume_token
+
+    return asyncio.run(run())
+
+
+def test_refused_tokens_restore_nothing(replicas: tuple[Runtime, Runtime]) -> None:
+    first, second = replicas
+    token = _token(replicas)
+    tampered = bytearray(token)
+    tampered[-40] ^= 1
+    snapshot = resume.verify_token(
+        token, KEYS, model_name="asr", fingerprint=first.engines["asr"].fingerprint
+    )
+    foreign = resume.sign_token(
+        snapshot, FOREIGN, model_name="asr", fingerprint=first.engines["asr"].fingerprint
+    )
+    old = resume.sign_token(
+        snapshot, KEYS, model_name="asr", fingerprint=first.engines["asr"].fingerprint, now=0
+    )
+    cases = [
+        (bytes(tampered), "asr", "PERMISSION_DENIED"),
+        (foreign, "asr", "PERMISSION_DENIED"),
+        (token, "up", "FAILED_PRECONDITION"),
+        (old, "asr", "DEADLINE_EXCEEDED"),
+        (b"nonsense", "asr", "INVALID_ARGUMENT"),
+    ]
+
+    async def run() -> None:
+        for bad, model, code in cases:
+            with pytest.raises(ResumeTokenError) as refused:
+                second.open_stream(model, resume_token=bad)
+            assert refused.value.code == code, refused.value.message
+            assert second.active_streams == 0
+        # Still serving: a plain stream, and the good token.
+        handle = second.open_stream("asr", resume_token=token)
+        handle.send(np.ones((3, 2), np.float32))
+        handle.end()
+        assert isinstance(await _collect(handle, {}), Ended)
+        handle.cancel()
+
+    asyncio.run(run())
+
+
+def test_a_server_without_keys_refuses_tokens(replicas: tuple[Runtime, Runtime]) -> None:
+    token = _token(replicas)
+    keyless = Runtime({"up": _upsampler()}, SCHED)
+    keyless.engines["up"].scheduler.accepting = True  # no compile: refused before a slot
+
+    async def run() -> None:
+        with pytest.raises(ResumeTokenError) as refused:
+            keyless.open_stream("up", resume_token=token)
+        assert refused.value.code == "FAILED_PRECONDITION"
+
+    asyncio.run(run())
+    assert keyless.move_streams() == 0
+
+
+def test_a_token_too_large_ends_the_stream_as_without_keys(
+    replicas: tuple[Runtime, Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, _ = replicas
+    engine = first.engines["asr"]
+
+    def too_large(snapshot: resume.StreamSnapshot) -> bytes:
+        raise resume.TokenTooLarge("the stream's token would be 20 MB; the limit is 16 MiB.")
+
+    monkeypatch.setattr(engine, "sign", too_large)
+
+    async def run() -> None:
+        handle = first.open_stream("asr")
+        handle.send(np.ones((9, 2), np.float32))
+        engine.move_streams()
+        with pytest.raises(Unavailable, match="cannot hand this stream off"):
+            await _collect(handle, {})
+        handle.cancel()
+
+    asyncio.run(run())
+    assert first.active_streams == 0
+
+
+def test_speech_segmenter_state_travels() -> None:
+    probs = [0.1, 0.9, 0.9, 0.2, 0.1, 0.1, 0.9, 0.1, 0.1, 0.1, 0.1]
+    whole = SpeechSegmenter(SegmentOptions(min_silence_duration_ms=1), 512, 16000)
+    expected = whole.push(probs)
+    before = SpeechSegmenter(SegmentOptions(min_silence_duration_ms=1), 512, 16000)
+    events = before.push(probs[:4])
+    after = SpeechSegmenter(SegmentOptions(min_silence_duration_ms=1), 512, 16000)
+    after.restore(json.loads(json.dumps(before.state())))  # as a token carries it
+    assert events + after.push(probs[4:]) == expected
+    assert any(e.kind == "speech_stopped" for e in expected)
+
+
+def test_silero_vad_moves_with_its_speech_segments() -> None:
+    """The segmenter's state travels in the token: events across the move
+    are those of one uninterrupted stream (the official rule over offline
+    probabilities), and the probabilities equal offline."""
+    wheel_or_skip()
+    model = BUILTIN_MODELS["silero-vad"]()
+    engine = Engine(model, SchedulerConfig(max_streams=2, buckets=(2,), max_batch_delay_ms=1))
+    engine.resume_keys = KEYS
+    engine.start()
+    x = speech_mix(5)[:, None]
+    options = SegmentOptions()
+    cut = len(x) // 2
+    try:
+
+        async def run() -> tuple[dict[int, np.ndarray], list[SpeechEvent]]:
+            loop = asyncio.get_running_loop()
+            outputs: dict[int, np.ndarray] = {}
+            events: list[SpeechEvent] = []
+
+            async def read(handle: StreamHandle) -> object:
+                async for item in handle.outputs():
+                    if isinstance(item, Output):
+                        outputs[item.offset] = item.frames
+                    elif isinstance(item, SpeechEvent):
+                        events.append(item)
+                    else:
+                        handle.cancel()
+                        return item
+                raise AssertionError("no last item")
+
+            handle = engine.open_stream(loop)
+            handle.request_segments(options)
+            handle.send(x[:cut])
+            await asyncio.sleep(0.05)
+            engine.move_streams()
+            moved = await read(handle)
+            assert isinstance(moved, Moved)
+            resumed = engine.open_stream(loop, resume_token=moved.resume_token)
+            resumed.request_segments(options)  # the client asks again, as its config does
+            resumed.send(x[moved.frames_received :])
+            resumed.end()
+            assert isinstance(await read(resumed), Ended)
+            return outputs, events
+
+        outputs, events = asyncio.run(run())
+    finally:
+        engine.stop()
+    probs = model.offline(x)
+    testing.assert_allclose(_joined(outputs), probs, atol=1e-4, rtol=1e-4)
+    expected = SpeechSegmenter(options, 512, 16000).push(probs[:, 0].tolist())
+    assert events == expected and len(expected) >= 2
