@@ -123,19 +123,24 @@ class _GrpcStream:
         while (item := self._requests.get()) is not _CLOSE:
             yield item
 
+    def _post(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+        except RuntimeError:
+            pass  # the event loop closed: nobody is listening any more
+
     def _run(self) -> None:
-        post = self._loop.call_soon_threadsafe
         try:
             self._call = self._stub.Stream(self._request_iterator(), metadata=self._metadata)
             if self._closed:
                 self._call.cancel()
             for resp in self._call:
-                post(self._events.put_nowait, resp)
-            post(self._events.put_nowait, _CLOSE)
+                self._post(resp)
+            self._post(_CLOSE)
         except grpc.RpcError as e:
-            post(self._events.put_nowait, e)
-        except RuntimeError:
-            pass  # the event loop closed: nobody is listening
+            # Also the cancel of a stream its owner abandoned, possibly after
+            # its loop closed: `_post` drops it then.
+            self._post(e)
 
     async def _next(self) -> Any:
         resp = await self._events.get()
