@@ -116,8 +116,16 @@ class Server:
         return f"ws://127.0.0.1:{self.http_port}"
 
     def batch_totals(self, model: str) -> tuple[float, float]:
-        """(sum, count) of `sl_tick_batch_size` so far."""
-        text = urllib.request.urlopen(self.url("/metrics"), timeout=60).read().decode()
+        """(sum, count) of `sl_tick_batch_size` so far. An overloaded server
+        can be slow to answer (its event loop is busy with streams): retry."""
+        for attempt in range(5):
+            try:
+                text = urllib.request.urlopen(self.url("/metrics"), timeout=60).read().decode()
+                break
+            except OSError:
+                if attempt == 4:
+                    raise
+                time.sleep(5)
         found = {}
         for kind in ("sum", "count"):
             m = re.search(rf'^sl_tick_batch_size_{kind}{{model="{model}"}} (\S+)$', text, re.M)

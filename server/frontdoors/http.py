@@ -76,8 +76,8 @@ def create_app(
         body, content_type = metrics()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models", summary="The models this server streams")
-    async def list_models(request: Request) -> Response:
+    def unauthorized(request: Request) -> Response | None:
+        """The 401 response for a request without a valid key, else None."""
         try:
             keys.check(
                 request.headers.get("authorization"),
@@ -86,18 +86,18 @@ def create_app(
             )
         except StreamError as e:
             return refuse(e, 401)
+        return None
+
+    @app.get("/v1/models", summary="The models this server streams")
+    async def list_models(request: Request) -> Response:
+        if (refused := unauthorized(request)) is not None:
+            return refused
         return JSONResponse({"models": [model_json(i) for i in runtime.list_models()]})
 
     @app.get("/v1/models/{model}", summary="One model's streaming parameters")
     async def get_model(model: str, request: Request) -> Response:
-        try:
-            keys.check(
-                request.headers.get("authorization"),
-                request.query_params.get("token"),
-                how=HEADER_HINT,
-            )
-        except StreamError as e:
-            return refuse(e, 401)
+        if (refused := unauthorized(request)) is not None:
+            return refused
         try:
             return JSONResponse(model_json(runtime.get_model(model)))
         except StreamError as e:
