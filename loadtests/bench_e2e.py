@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,8 +43,7 @@ from loadtests import loadtest
 from loadtests.bench_runtime import bare_steps
 from server.defaults import BUILTIN_MODELS
 from server.model import ServableModel
-
-BIN = Path(sys.executable).parent
+from tests.server.serving import ServerProcess
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -68,52 +67,30 @@ def bare(model: ServableModel, batch: int, chunk: int, steps: int) -> dict[str, 
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """A real `sl-serve` process serving one model."""
+class Server(ServerProcess):
+    """A real `sl-serve` process serving one model (its output is read
+    continuously: an unread pipe would block the server's logging)."""
 
     def __init__(self, args: argparse.Namespace, max_streams: int, buckets: list[int]) -> None:
-        self.grpc_port, self.http_port = _free_port(), _free_port()
-        cmd = [
-            str(BIN / "sl-serve"),
-            "--model",
-            args.model,
-            "--chunk-blocks",
-            str(args.chunk_blocks),
-            "--max-streams",
-            str(max_streams),
-            "--buckets",
-            ",".join(map(str, buckets)),
-            "--grpc-port",
-            str(self.grpc_port),
-            "--http-port",
-            str(self.http_port),
-            *args.server_arg,
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sl-serve exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                urllib.request.urlopen(self.url("/readyz"), timeout=1)
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("sl-serve was not ready in 600 s")
+        super().__init__(
+            [
+                "--model",
+                args.model,
+                "--chunk-blocks",
+                str(args.chunk_blocks),
+                "--max-streams",
+                str(max_streams),
+                "--buckets",
+                ",".join(map(str, buckets)),
+                *args.server_arg,
+            ]
+        )
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.http_port}{path}"
+        return f"{self.http_url}{path}"
 
     def stream_url(self, door: str) -> str:
-        if door == "grpc":
-            return f"grpc://127.0.0.1:{self.grpc_port}"
-        return f"ws://127.0.0.1:{self.http_port}"
+        return f"grpc://{self.grpc_target}" if door == "grpc" else self.ws_url
 
     def batch_totals(self, model: str) -> tuple[float, float]:
         """(sum, count) of `sl_tick_batch_size` so far. An overloaded server
@@ -133,11 +110,8 @@ class Server:
         return found["sum"], found["count"]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.terminate(timeout=30)
 
 
 def run(server: Server, args: argparse.Namespace, streams: int) -> dict[str, Any]:

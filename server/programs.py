@@ -129,7 +129,11 @@ class ExportedProgram:
         self.init_artifact, self.step_artifact = init, step
         self.signature = signature
         self.input_spec = input_spec
-        self.frames = signature.block_size
+        # Frames a call of each artifact takes (the x argument is second to
+        # last of the step's, last of init's): a block for `sl-models export`
+        # artifacts, a whole chunk for the server's own in-memory export.
+        self.frames = int(step.in_avals[-2].shape[1])
+        self._init_frames = int(init.in_avals[-1].shape[1])
         # The step's first argument (in_tree is `(args, kwargs)`): the
         # variable leaves it was exported with, to check a checkpoint against.
         args_tree = step.in_tree.children()[0]
@@ -137,16 +141,24 @@ class ExportedProgram:
         self.variable_specs: list[Any] = list(step.in_avals[:n_variables])
 
     def initial_state(self, variables: Any, batch_size: int) -> list[jax.Array]:
-        x = jnp.zeros((batch_size, self.frames, *self.input_spec.shape), self.input_spec.dtype)
+        shape = (batch_size, self._init_frames, *self.input_spec.shape)
+        x = jnp.zeros(shape, self.input_spec.dtype)
         return list(self.init_artifact.call(jax.tree.leaves(variables), x))
 
     def step(
         self, variables: Any, state: list[jax.Array], x: jax.Array, mask: jax.Array
     ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
         leaves = jax.tree.leaves(variables)
+        if x.shape[1] % self.frames:
+            raise ValueError(
+                f"exported step takes {self.frames} frames a call; a chunk of {x.shape[1]} "
+                "frames is not a multiple of it."
+            )
         ys, masks = [], []
-        # One call per block: the contract makes a chunk of n blocks equal to
-        # n steps of one block, and XLA compiles the calls into one program.
+        # One call per `frames`: the contract makes a chunk of n blocks equal
+        # to n steps of one block. Artifacts of one block still run n calls
+        # (compiled into one program, but n passes of small ops: demo-asr at
+        # 4 blocks took 1.85x the time of one 4-block step).
         for start in range(0, x.shape[1], self.frames):
             piece = slice(start, start + self.frames)
             state, y, y_mask = self.step_artifact.call(leaves, state, x[:, piece], mask[:, piece])
@@ -171,15 +183,24 @@ def export_in_memory(
     variables: Any,
     input_spec: sl.ChannelSpec,
     platforms: tuple[str, ...] | None = None,
+    frames: int | None = None,
 ) -> ExportedProgram:
     """The layer's init and step exported with a symbolic batch size: traced
     once, then every batch bucket only traces a call of the artifact.
+    `frames` (a multiple of the block size; default one block) is what one
+    call steps: the server exports its whole chunk, so a tick is one step
+    of the chunk as when the layer code is traced per bucket.
 
     With the compilation cache on, the artifacts are also kept there (see
     `server.compile_cache`), so a later start with the same model, library
     and jax reads them back instead of tracing the layer code (demo-asr:
     1.2 CPU s)."""
     signature = StepSignature.of_layer(layer, input_spec)
+    frames = signature.block_size if frames is None else frames
+    if frames <= 0 or frames % signature.block_size:
+        raise ValueError(
+            f"frames={frames} is not a multiple of the block size {signature.block_size}."
+        )
     var_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.tree.leaves(variables)]
     platforms_key = tuple(platforms) if platforms else (current_platform(),)
     key = compile_cache.trace_key(
@@ -190,13 +211,14 @@ def export_in_memory(
         [(a.shape, str(a.dtype)) for a in var_specs],
         (input_spec.shape, str(jnp.dtype(input_spec.dtype))),
         platforms_key,
+        frames,
     )
     payload = compile_cache.read_traced("export", key)
     if payload is not None:
         cached = _unpack(payload, signature, input_spec, var_specs)
         if cached is not None:
             return cached
-    program = _export(layer, variables, input_spec, signature, var_specs, platforms)
+    program = _export(layer, variables, input_spec, signature, var_specs, platforms, frames)
     if key is not None:
         compile_cache.write_traced("export", key, _pack(program))
     return program
@@ -209,9 +231,9 @@ def _export(
     signature: StepSignature,
     var_specs: list[jax.ShapeDtypeStruct],
     platforms: tuple[str, ...] | None,
+    frames: int,
 ) -> ExportedProgram:
     var_def = jax.tree.structure(variables)
-    frames = signature.block_size
     (b,) = export.symbolic_shape("b")
     x_spec = jax.ShapeDtypeStruct((b, frames, *input_spec.shape), input_spec.dtype)
     mask_spec = jax.ShapeDtypeStruct((b, frames), jnp.bool_)

@@ -77,10 +77,16 @@ class Device:
             # Trace the layer code once, with a symbolic batch size, instead
             # of once per bucket: each bucket then traces only a call of the
             # exported step. demo-asr: 1.7 s once + 0.1 s a bucket instead of
-            # 1.1 s a bucket; the compiled ticks are identical (same HLO
-            # after inlining; outputs bit-equal, tick time equal).
+            # 1.1 s a bucket. Exported at the whole chunk, so the ticks are
+            # the ones per-bucket tracing gives (exported at one block and
+            # called per block, a 4-block demo-asr tick took 1.85x as long).
             try:
-                program = export_in_memory(program.layer, self.model.variables, program.input_spec)
+                program = export_in_memory(
+                    program.layer,
+                    self.model.variables,
+                    program.input_spec,
+                    frames=self.chunk_frames,
+                )
             except ModelLoadError as e:  # a layer that needs a concrete batch size
                 log.info("model %s: tracing per bucket (%s)", self.model.name, e)
         self.program = program
@@ -129,9 +135,25 @@ class Device:
             for leaf, ax in zip(jax.tree.leaves(one), self._axes, strict=True)
         ]
 
-    def _tick_fns(self) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
-        """(partial tick, full tick, reset one slot) on flat leaves, all pure
-        functions of the state so jit can donate it and update in place."""
+    def _tick_fns(self) -> dict[str, Callable[..., Any]]:
+        """The device programs on flat leaves, all pure functions of the state
+        so jit can donate it and update in place:
+
+        - `gather` (state, slot ids) -> those slots' rows; `rows` (variables,
+          rows, x, lengths) -> (new rows, y, y mask), the bare step on a
+          bucket's rows; `scatter` (state, slot ids, rows) -> state. A partial
+          tick is the three, one after another.
+        - `partial`: the same three as one program, for sharded slots.
+        - `full` (variables, state, x, lengths): every slot, in slot order.
+        - `reset` (state, slot): one slot back to the initial state.
+
+        Why a partial tick is three programs: compiled as one, XLA:CPU lays
+        out the gathered rows to suit the step's dots and then copies the
+        KV caches around the in-place writes; a demo-asr tick of 64 rows took
+        50 ms against the bare step's 29. Split, the step's rows are a
+        parameter in the default layout, as in the bare step (29.6 ms), and
+        the gather and scatter are plain copies of the rows (a few ms).
+        """
         program, axes, init_one = self.program, self._batch_axes, self._init_one
         n, rows = self.config.max_streams, self.rows
         frame_index = jnp.arange(self.chunk_frames, dtype=jnp.int32)
@@ -145,22 +167,27 @@ class Device:
             # rows): the program steps x as a MaskedSequence.
             return program.step(variables, state, x, mask)
 
-        def partial_tick(variables, state, slot_ids, x, lengths):  # type: ignore[no-untyped-def]
-            # Some slots: gather their rows, step, scatter back. Rows not in
-            # the tick are not stepped at all (their buffers must not move).
-            gathered = jax.tree.map(
+        def gather(state, slot_ids):  # type: ignore[no-untyped-def]
+            # Padding ids are out of range: their rows are zeros.
+            return jax.tree.map(
                 lambda a, ax: jnp.take(a, slot_ids, axis=ax, mode="fill", fill_value=0),
                 state,
                 axes,
             )
-            new, y, y_mask = step(variables, gathered, x, lengths)
-            state = jax.tree.map(
-                lambda a, n, ax: a.at[(slice(None),) * ax + (slot_ids,)].set(n, mode="drop"),
+
+        def scatter(state, slot_ids, new):  # type: ignore[no-untyped-def]
+            # Padding rows are dropped. Rows not in the tick were not stepped
+            # at all (their buffers must not move).
+            return jax.tree.map(
+                lambda a, r, ax: a.at[(slice(None),) * ax + (slot_ids,)].set(r, mode="drop"),
                 state,
                 new,
                 axes,
             )
-            return state, y, y_mask
+
+        def partial_tick(variables, state, slot_ids, x, lengths):  # type: ignore[no-untyped-def]
+            new, y, y_mask = step(variables, gather(state, slot_ids), x, lengths)
+            return scatter(state, slot_ids, new), y, y_mask
 
         def full_tick(variables, state, x, lengths):  # type: ignore[no-untyped-def]
             # Every slot, in slot order (full occupancy): no gather or scatter.
@@ -206,11 +233,26 @@ class Device:
 
             return wrapped
 
-        def reset_leaves(state_leaves, slot):  # type: ignore[no-untyped-def]
-            state = jax.tree.unflatten(state_def, state_leaves)
-            return jax.tree.leaves(reset_slot(state, slot))
+        def state_fn(fn: Callable[..., Any]) -> Callable[..., Any]:
+            # (state leaves, ...) -> leaves of fn(state, ...)
+            return lambda leaves, *inputs: jax.tree.leaves(
+                fn(jax.tree.unflatten(state_def, leaves), *inputs)
+            )
 
-        return on_leaves(partial_tick), on_leaves(full_tick), reset_leaves
+        def scatter_leaves(state_leaves, slot_ids, row_leaves):  # type: ignore[no-untyped-def]
+            unflatten = lambda leaves: jax.tree.unflatten(state_def, leaves)
+            return jax.tree.leaves(
+                scatter(unflatten(state_leaves), slot_ids, unflatten(row_leaves))
+            )
+
+        return {
+            "gather": state_fn(gather),
+            "rows": on_leaves(step),
+            "scatter": scatter_leaves,
+            "partial": on_leaves(partial_tick),
+            "full": on_leaves(full_tick),
+            "reset": state_fn(reset_slot),
+        }
 
     def compile(self, stopping: Callable[[], bool] = lambda: False) -> bool:
         """Lowers every program (Python, holds the GIL: cheap since the step
@@ -220,30 +262,61 @@ class Device:
         program after another. False if `stopping()` cut it short."""
         spec = self.model.input_spec
         out = (self._state_sharding, None, None) if self._state_sharding else None
-        partial_tick, full_tick, reset_slot = self._tick_fns()
+        fns = self._tick_fns()
         self._var_leaves = jax.tree.leaves(self.model.variables)
         x_spec = lambda b: jax.ShapeDtypeStruct((b, self.chunk_frames, *spec.shape), spec.dtype)
-        lengths_spec = lambda b: jax.ShapeDtypeStruct((b,), jnp.int32)
-        partial = jax.jit(partial_tick, donate_argnums=(1,), out_shardings=out)
+        ids_spec = lambda b: jax.ShapeDtypeStruct((b,), jnp.int32)
         n = self.config.max_streams
-        full = jax.jit(full_tick, donate_argnums=(1,), out_shardings=out)
-        reset = jax.jit(reset_slot, donate_argnums=(0,), out_shardings=self._state_sharding)
+        # One device: a partial tick is gather, the bare step on the rows,
+        # scatter (see `_tick_fns`). Sharded slots keep one program: its
+        # rows would need a sharding of their own.
+        split = not self.sharded
+        partial = jax.jit(fns["partial"], donate_argnums=(1,), out_shardings=out)
+        gather = jax.jit(fns["gather"])
+        rows_step = jax.jit(fns["rows"], donate_argnums=(1,))
+        scatter = jax.jit(fns["scatter"], donate_argnums=(0,), out_shardings=self._state_sharding)
+        full = jax.jit(fns["full"], donate_argnums=(1,), out_shardings=out)
+        reset = jax.jit(fns["reset"], donate_argnums=(0,), out_shardings=self._state_sharding)
+
+        def rows_spec(b: int) -> list[jax.ShapeDtypeStruct]:
+            return [
+                jax.ShapeDtypeStruct((*a.shape[:ax], b, *a.shape[ax + 1 :]), a.dtype)
+                for a, ax in zip(self.state, self._axes, strict=True)
+            ]
+
         lowered: dict[Any, tuple[Any, float]] = {}
-        for bucket in self.buckets:
+
+        def lower(key: Any, fn: Any, *args: Any) -> None:
             start = time.perf_counter()
-            args = (
-                self._var_leaves,
-                self.state,
-                jax.ShapeDtypeStruct((bucket,), jnp.int32),
-                x_spec(bucket),
-                lengths_spec(bucket),
-            )
-            lowered[bucket] = (partial.lower(*args), time.perf_counter() - start)
-        start = time.perf_counter()
-        lowered["full"] = (
-            full.lower(self._var_leaves, self.state, x_spec(n), lengths_spec(n)),
-            time.perf_counter() - start,
-        )
+            lowered[key] = (fn.lower(*args), time.perf_counter() - start)
+
+        for bucket in self.buckets:
+            if split:
+                lower((bucket, "gather"), gather, self.state, ids_spec(bucket))
+                lower(
+                    (bucket, "rows"),
+                    rows_step,
+                    self._var_leaves,
+                    rows_spec(bucket),
+                    x_spec(bucket),
+                    ids_spec(bucket),
+                )
+                lower((bucket, "scatter"), scatter, self.state, ids_spec(bucket), rows_spec(bucket))
+            else:
+                lower(
+                    (bucket, "partial"),
+                    partial,
+                    self._var_leaves,
+                    self.state,
+                    ids_spec(bucket),
+                    x_spec(bucket),
+                    ids_spec(bucket),
+                )
+        # With one row per slot the full tick is the step on every row: the
+        # bucket of max_streams rows already is that program.
+        full_is_rows = split and self.rows == n and n in self.buckets
+        if not full_is_rows:
+            lower("full", full, self._var_leaves, self.state, x_spec(n), ids_spec(n))
         start = time.perf_counter()
         slot_spec = jax.ShapeDtypeStruct((), jnp.int32)
         lowered["reset"] = (reset.lower(self.state, slot_spec), time.perf_counter() - start)
@@ -260,27 +333,36 @@ class Device:
             time.perf_counter() - start,
         )
 
+        seconds: dict[Any, float] = {}
+
         def compile_one(key: Any) -> Any:
             if stopping():  # a signal during start-up: stop compiling
                 return None
             start = time.perf_counter()
             program, lower_seconds = lowered[key]
             compiled = program.compile()
-            self.compile_seconds[key] = lower_seconds + time.perf_counter() - start
+            seconds[key] = lower_seconds + time.perf_counter() - start
             return compiled
 
         with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="xla-compile") as pool:
             compiled = dict(zip(lowered, pool.map(compile_one, lowered), strict=True))
         if stopping():
             return False
-        self._compiled = {b: compiled[b] for b in self.buckets}
-        self._full, self._reset = compiled["full"], compiled["reset"]
+        if split:
+            self._split = {
+                b: (compiled[b, "gather"], compiled[b, "rows"], compiled[b, "scatter"])
+                for b in self.buckets
+            }
+        else:
+            self._compiled = {b: compiled[b, "partial"] for b in self.buckets}
+        self._full = compiled[n, "rows"] if full_is_rows else compiled["full"]
+        self._reset = compiled["reset"]
         self._read, self._write = compiled["read_row"], compiled["write_row"]
-        # The metric's "full" bucket counts the full tick and the slot programs together.
-        for key in ("reset", "read_row", "write_row"):
-            self.compile_seconds["full"] = self.compile_seconds.get("full", 0.0) + (
-                self.compile_seconds.pop(key, 0.0)
-            )
+        # The metric has one figure per bucket (its programs together) and
+        # one "full" for the full tick and the slot programs.
+        for key, value in seconds.items():
+            bucket = key[0] if isinstance(key, tuple) else "full"
+            self.compile_seconds[bucket] = self.compile_seconds.get(bucket, 0.0) + value
         return True
 
     def warm_up(self) -> dict[int, float]:
@@ -367,9 +449,13 @@ class Device:
         n = self.config.max_streams
         if len(slot_ids) == n and slot_ids[0] == 0 and slot_ids[-1] == n - 1:
             self.state, y, y_mask = self._full(self._var_leaves, self.state, x, lengths)
-        else:
+        elif self.sharded:
             compiled = self._compiled[slot_ids.shape[0]]
             self.state, y, y_mask = compiled(self._var_leaves, self.state, slot_ids, x, lengths)
+        else:
+            gather, step, scatter = self._split[slot_ids.shape[0]]
+            rows, y, y_mask = step(self._var_leaves, gather(self.state, slot_ids), x, lengths)
+            self.state = scatter(self.state, slot_ids, rows)
         return y, y_mask
 
     def fetch(self, outputs: Any) -> tuple[np.ndarray, np.ndarray]:

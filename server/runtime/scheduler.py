@@ -237,6 +237,14 @@ class Scheduler:
                 eta = s.expected_at
                 if eta is not None:
                     expected.append(eta)
+        if ready:
+            size = policy.tick_size(
+                len(ready), self.buckets, self.config.max_streams, self.tick_times.estimate
+            )
+            if size < len(ready):
+                # A filled bucket: the longest-waiting streams go now.
+                ready.sort(key=_ready_since)
+                ready = ready[:size]
         oldest = min(s.ready_since for s in ready) if ready else None  # type: ignore[type-var]
         bucket = self._bucket(len(ready)) if ready else 0
         plan = policy.plan_tick(
@@ -415,3 +423,4 @@ class Scheduler:
 
 
 _slot_of = operator.attrgetter("slot")
+_ready_since = operator.attrgetter("ready_since")

@@ -211,3 +211,17 @@ def test_timeouts() -> None:
     assert timeout(31.0, ending=True) == (None, math.inf)  # flushing
     assert timeout(9.0, backlog=4) == (None, pytest.approx(1.0))
     assert timeout(10.0, backlog=4, last_input=9.0) == ("slow_consumer", 0.0)
+
+
+def test_tick_size_fills_a_bucket_rather_than_pad_far_up() -> None:
+    buckets = [8, 16, 32, 64, 128, 256, 400]
+    linear = lambda b: 0.002 + 0.0005 * b  # device seconds of a tick
+    size = lambda n: policy.tick_size(n, buckets, 400, linear)
+    # 135 padded to 256 costs twice 128 filled: 128 go now, 7 wait.
+    assert size(135) == 128
+    # Nearly full buckets, exact buckets and every slot are taken whole.
+    assert [size(n) for n in (120, 128, 240, 400)] == [120, 128, 240, 400]
+    # Small ticks are never cut: there padding is cheap and rows are not.
+    assert [size(n) for n in (9, 17, 31)] == [9, 17, 31]
+    # Without tick-time estimates yet, everyone goes.
+    assert policy.tick_size(135, buckets, 400, lambda b: 0.0) == 135
