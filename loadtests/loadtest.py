@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import random
 import sys
 import time
 from collections import Counter
@@ -150,11 +151,21 @@ async def run_load(args: argparse.Namespace, streams: int, progress: bool = True
 
     async def worker(index: int) -> None:
         await asyncio.sleep(args.ramp_up * index / max(streams, 1))
+        backoff = random.Random(index)
+        failures = 0
         while time.monotonic() < end:
             result = await one_utterance(client, args, info, audio)
             results.append(result)
-            if result.error:
-                await asyncio.sleep(0.2)  # a refused stream retries, not spins
+            if not result.error:
+                failures = 0
+                continue
+            # A refused client backs off exponentially with jitter (0.25 s
+            # doubling to 4 s), as gRPC's retry policy has clients do: at
+            # a fixed 0.2 s, refused streams reconnected ~100 times a second
+            # at 1.5x capacity, and their handshakes took server CPU from
+            # the streams it was serving.
+            failures += 1
+            await asyncio.sleep(min(4.0, 0.25 * 2 ** (failures - 1)) * backoff.uniform(0.5, 1.5))
 
     async def report() -> None:
         while True:
