@@ -2,8 +2,8 @@
 
     .venv/bin/python -m loadtests.bench_vad --json vad.json
 
-Starts both servers on this machine, one after the other, and drives each
-with the same load generator (`sl-loadtest`'s code, over WebSocket, since
+Starts both servers on this machine and drives each, taking turns run by
+run, with the same load generator (`sl-loadtest`'s code, over WebSocket, since
 the peer has no gRPC): real-time streams sending 96 ms chunks of noise.
 - ours: `sl-serve --model silero-vad=build/models/silero-vad`, ticks of 3
   windows per stream (one 96 ms chunk);
@@ -109,26 +109,9 @@ def _cpu_run(pid: int, load: argparse.Namespace, streams: int) -> dict[str, Any]
     }
 
 
-def _measure(name: str, url: str, pid: int, load: argparse.Namespace, args: Any) -> dict:
-    result: dict[str, Any] = {"server": name, "url": url, "cpu": {}}
-    for streams in args.cpu_streams:
-        print(f"== {name}: {streams} streams for CPU per audio second", file=sys.stderr)
-        result["cpu"][streams] = _cpu_run(pid, load, streams)
-    if not args.skip_capacity:
-        print(f"== {name}: capacity search", file=sys.stderr)
-        capacity, sweep = asyncio.run(lt.find_capacity(load))
-        result["capacity_streams"] = capacity
-        result["sweep"] = [
-            {
-                "streams": s["streams"],
-                "p99_ms": s["chunk_latency_ms"]["p99"],
-                "errors": s["errors"],
-                "audio_s_per_s": s["throughput_audio_s_per_s"],
-            }
-            for s in sweep
-        ]
-    brief = {
-        "server": name,
+def _brief(result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "server": result["server"],
         "capacity_streams": result.get("capacity_streams"),
         **{
             f"cpu_s_per_audio_s@{n}": (
@@ -138,8 +121,47 @@ def _measure(name: str, url: str, pid: int, load: argparse.Namespace, args: Any)
             for n, r in result["cpu"].items()
         },
     }
-    print(json.dumps(brief), file=sys.stderr)
-    return result
+
+
+def _measure(servers: list[tuple[str, str, int, argparse.Namespace]], args: Any) -> list[dict]:
+    """Every figure of each server; the servers take turns run by run (each
+    CPU load, then each probe of the capacity searches), so a slow spell of
+    a shared machine hits both rather than whichever went second."""
+    results: list[dict[str, Any]] = [
+        {"server": name, "url": url, "cpu": {}} for name, url, _, _ in servers
+    ]
+    for streams in args.cpu_streams:
+        for (name, _, pid, load), result in zip(servers, results, strict=True):
+            print(f"== {name}: {streams} streams for CPU per audio second", file=sys.stderr)
+            result["cpu"][streams] = _cpu_run(pid, load, streams)
+    if not args.skip_capacity:
+        searches = [lt.capacity_search(load.streams, load.max_streams) for *_, load in servers]
+        sweeps: list[list[dict[str, Any]]] = [[] for _ in servers]
+        probes: list[int | None] = [next(search) for search in searches]
+        while any(n is not None for n in probes):
+            for i, ((name, _, _, load), n) in enumerate(zip(servers, probes, strict=True)):
+                if n is None:
+                    continue
+                print(f"== {name}: capacity probe", file=sys.stderr)
+                held = asyncio.run(lt.probe(load, n, sweeps[i]))
+                try:
+                    probes[i] = searches[i].send(held)
+                except StopIteration as done:
+                    probes[i] = None
+                    results[i]["capacity_streams"] = int(done.value)
+        for result, sweep in zip(results, sweeps, strict=True):
+            result["sweep"] = [
+                {
+                    "streams": s["streams"],
+                    "p99_ms": s["chunk_latency_ms"]["p99"],
+                    "errors": s["errors"],
+                    "audio_s_per_s": s["throughput_audio_s_per_s"],
+                }
+                for s in sweep
+            ]
+    for result in results:
+        print(json.dumps(_brief(result)), file=sys.stderr)
+    return results
 
 
 def bare(batches: tuple[int, ...] = (1, 8, 32, 128), windows: int = 3) -> dict[str, Any]:
@@ -215,26 +237,25 @@ def main(argv: list[str] | None = None) -> int:
     if not (MODEL_DIR / "model.json").is_file():
         print(f"{MODEL_DIR} missing: run `make silero-vad` first.", file=sys.stderr)
         return 2
-    results = []
-    if args.only in (None, "ours"):
-        http = 8301
-        cmd = [str(BIN / "sl-serve"), "--model", f"silero-vad={MODEL_DIR}"]
-        cmd += ["--max-streams", str(args.max_streams), "--chunk-blocks", "3"]
-        cmd += ["--grpc-port", "50301", "--http-port", str(http), "--log-level", "warning"]
-        cmd += args.serve_args.split()
-        url = f"ws://127.0.0.1:{http}"
-        with _server(cmd, f"http://127.0.0.1:{http}/readyz") as proc:
-            results.append(_measure("sl-serve", url, proc.pid, _load_args(url, args, 3), args))
-    if args.only in (None, "peer"):
-        http = 8302
-        cmd = [sys.executable, "-m", "loadtests.peer_vad", "--port", str(http)]
-        url = f"ws://127.0.0.1:{http}"
-        with _server(cmd, f"http://127.0.0.1:{http}/v1/models") as proc:
-            results.append(
-                _measure(
-                    "peer (FastAPI + ONNX Runtime)", url, proc.pid, _load_args(url, args, 1), args
-                )
-            )
+    with contextlib.ExitStack() as stack:
+        servers = []
+        if args.only in (None, "ours"):
+            http = 8301
+            cmd = [str(BIN / "sl-serve"), "--model", f"silero-vad={MODEL_DIR}"]
+            cmd += ["--max-streams", str(args.max_streams), "--chunk-blocks", "3"]
+            cmd += ["--grpc-port", "50301", "--http-port", str(http), "--log-level", "warning"]
+            cmd += args.serve_args.split()
+            url = f"ws://127.0.0.1:{http}"
+            proc = stack.enter_context(_server(cmd, f"http://127.0.0.1:{http}/readyz"))
+            servers.append(("sl-serve", url, proc.pid, _load_args(url, args, 3)))
+        if args.only in (None, "peer"):
+            http = 8302
+            cmd = [sys.executable, "-m", "loadtests.peer_vad", "--port", str(http)]
+            url = f"ws://127.0.0.1:{http}"
+            proc = stack.enter_context(_server(cmd, f"http://127.0.0.1:{http}/v1/models"))
+            name = "peer (FastAPI + ONNX Runtime)"
+            servers.append((name, url, proc.pid, _load_args(url, args, 1)))
+        results = _measure(servers, args)
     out = {"cpu": os.uname().machine, "results": results}
     print(json.dumps(out, indent=2))
     if args.json:

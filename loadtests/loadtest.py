@@ -26,7 +26,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 import numpy as np
@@ -189,35 +189,51 @@ async def run_load(args: argparse.Namespace, streams: int, progress: bool = True
     return RunStats(streams, results, time.monotonic() - start)
 
 
+def capacity_search(first: int, most: int) -> Generator[int, bool, int]:
+    """The stream counts to probe, as a generator: send each probe's outcome
+    (True: held the target); returns the largest count that held. Doubling,
+    then bisection to within 10%. A generator so that two servers' searches
+    can take turns (bench_vad) and a slow spell hits both."""
+    lo, hi = 0, min(first, most)
+    while (yield hi):
+        lo = hi
+        if hi >= most:
+            return lo
+        hi = min(hi * 2, most)  # the last doubling probes `most` itself
+    while hi - lo > max(1, lo // 10):
+        mid = (lo + hi) // 2
+        if (yield mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+async def probe(args: argparse.Namespace, n: int, sweep: list[dict[str, Any]]) -> bool:
+    """One load run of `n` streams: whether p99 stayed under the target with
+    no errors (its summary goes to `sweep`)."""
+    summary = (await run_load(args, n)).summary()
+    sweep.append(summary)
+    p99 = summary["chunk_latency_ms"]["p99"]
+    good = not summary["errors"] and p99 is not None and p99 < args.target_p99_ms
+    print(
+        f"streams {n}: p99 {p99} ms errors {summary['errors']} -> {'ok' if good else 'over'}",
+        file=sys.stderr,
+    )
+    return good
+
+
 async def find_capacity(args: argparse.Namespace) -> tuple[int, list[dict[str, Any]]]:
     """Largest stream count whose p99 chunk latency stays under the target
     with no errors: doubling, then bisection."""
     sweep: list[dict[str, Any]] = []
-
-    async def ok(n: int) -> bool:
-        summary = (await run_load(args, n)).summary()
-        sweep.append(summary)
-        p99 = summary["chunk_latency_ms"]["p99"]
-        good = not summary["errors"] and p99 is not None and p99 < args.target_p99_ms
-        print(
-            f"streams {n}: p99 {p99} ms errors {summary['errors']} -> {'ok' if good else 'over'}",
-            file=sys.stderr,
-        )
-        return good
-
-    lo, hi = 0, min(args.streams, args.max_streams)
-    while await ok(hi):
-        lo = hi
-        if hi >= args.max_streams:
-            return lo, sweep
-        hi = min(hi * 2, args.max_streams)  # the last doubling probes --max-streams itself
-    while hi - lo > max(1, lo // 10):
-        mid = (lo + hi) // 2
-        if await ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, sweep
+    search = capacity_search(args.streams, args.max_streams)
+    n = next(search)
+    try:
+        while True:
+            n = search.send(await probe(args, n, sweep))
+    except StopIteration as done:
+        return int(done.value), sweep
 
 
 def plot(sweep: list[dict[str, Any]], path: str, target: float | None) -> None:
