@@ -18,6 +18,7 @@ Prints JSON, then the headline line:
   delayed past its budget" as a figure.
 
     python -m loadtests.bench_migration [--model demo-asr] [--streams 64] [--resident 32]
+        [--chunk-ms 20]
 
 A figure, not a test: on a shared 2-core machine the servers, the clients
 and the compile all compete. The budget is the server's (chunk ready until
@@ -130,6 +131,13 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0, help="audio per moving stream")
     p.add_argument("--drain-seconds", type=float, default=0.5)
     p.add_argument(
+        "--chunk-ms",
+        type=float,
+        default=20.0,
+        help="audio per message (at least one block); fewer, larger messages cost the "
+        "clients and the doors less CPU",
+    )
+    p.add_argument(
         "--latency-budget-ms",
         type=float,
         default=SchedulerConfig().latency_budget_ms,
@@ -139,7 +147,7 @@ def main() -> None:
     model = BUILTIN_MODELS[a.model]()
     info = model.info(a.streams + a.resident)
     rate = model.sample_rate or 100
-    chunk = max(model.block_size, rate // 50)  # ~20 ms a message
+    chunk = max(model.block_size, int(rate * a.chunk_ms / 1000))
     period = chunk / rate
     # Residents outlast the migration: SIGTERM comes at half the moving
     # streams' audio; moving takes seconds at most.
@@ -208,6 +216,7 @@ def main() -> None:
     resident = _resident_figures(residents, started, sigterm, window_end)
     report = {
         "model": a.model,
+        "chunk_ms": round(1000 * period, 1),
         "streams": a.streams,
         "moved": len(moved),
         "drain_to_all_resumed_s": round(last_resumed - sigterm - a.drain_seconds, 3)
