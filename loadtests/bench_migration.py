@@ -18,7 +18,7 @@ Prints JSON, then the headline line:
   delayed past its budget" as a figure.
 
     python -m loadtests.bench_migration [--model demo-asr] [--streams 64] [--resident 32]
-        [--chunk-ms 20]
+        [--chunk-ms 20] [--chunk-blocks 1]
 
 A figure, not a test: on a shared 2-core machine the servers, the clients
 and the compile all compete. The budget is the server's (chunk ready until
@@ -66,9 +66,15 @@ class StreamTimes:
 
 
 async def _stream(
-    client: AsyncGrpcClient, info: ModelInfo, x: np.ndarray, chunk: int, period: float
+    client: AsyncGrpcClient,
+    info: ModelInfo,
+    x: np.ndarray,
+    chunk: int,
+    period: float,
+    server_chunk: int,
 ) -> StreamTimes:
-    """Streams `x` in real time; records outputs, chunk latencies and the move."""
+    """Streams `x` in real time; records outputs, chunk latencies and the
+    move. `server_chunk`: the frames the server steps per tick."""
     times = StreamTimes()
     ratio = info.output_ratio
     pending: list[tuple[int, float]] = []  # (output frames needed, time sent)
@@ -80,7 +86,7 @@ async def _stream(
             await asyncio.sleep(max(0.0, start + (i // chunk) * period - time.monotonic()))
             piece = x[i : i + chunk]
             sent += len(piece)
-            stepped = (sent // info.block_size) * info.block_size
+            stepped = (sent // server_chunk) * server_chunk
             needed = math.floor(stepped * ratio) - info.output_latency
             if needed > 0:
                 pending.append((needed, time.monotonic()))
@@ -138,6 +144,13 @@ def main() -> None:
         "clients and the doors less CPU",
     )
     p.add_argument(
+        "--chunk-blocks",
+        type=int,
+        default=1,
+        help="both servers' --chunk-blocks (one output message per stream per tick: at 1 "
+        "block, logmel's 10 ms, 96 streams are 9,600 output messages a second)",
+    )
+    p.add_argument(
         "--latency-budget-ms",
         type=float,
         default=SchedulerConfig().latency_budget_ms,
@@ -147,7 +160,8 @@ def main() -> None:
     model = BUILTIN_MODELS[a.model]()
     info = model.info(a.streams + a.resident)
     rate = model.sample_rate or 100
-    chunk = max(model.block_size, int(rate * a.chunk_ms / 1000))
+    server_chunk = model.block_size * a.chunk_blocks
+    chunk = max(server_chunk, int(rate * a.chunk_ms / 1000))
     period = chunk / rate
     # Residents outlast the migration: SIGTERM comes at half the moving
     # streams' audio; moving takes seconds at most.
@@ -164,6 +178,8 @@ def main() -> None:
             str(a.drain_seconds),
             "--latency-budget-ms",
             str(a.latency_budget_ms),
+            "--chunk-blocks",
+            str(a.chunk_blocks),
         ]
         source = ServerProcess([*common, "--max-streams", str(a.streams)])
         # Room for every moved stream next to the residents.
@@ -183,11 +199,11 @@ def main() -> None:
                 stayers = AsyncGrpcClient(target.grpc_target)
                 started = time.monotonic()
                 residents = [
-                    asyncio.create_task(_stream(stayers, info, x, chunk, period))
+                    asyncio.create_task(_stream(stayers, info, x, chunk, period, server_chunk))
                     for x in resident_inputs
                 ]
                 moving = [
-                    asyncio.create_task(_stream(movers, info, x, chunk, period))
+                    asyncio.create_task(_stream(movers, info, x, chunk, period, server_chunk))
                     for x in moving_inputs
                 ]
                 await asyncio.sleep(a.seconds / 2)
@@ -217,6 +233,7 @@ def main() -> None:
     report = {
         "model": a.model,
         "chunk_ms": round(1000 * period, 1),
+        "chunk_blocks": a.chunk_blocks,
         "streams": a.streams,
         "moved": len(moved),
         "drain_to_all_resumed_s": round(last_resumed - sigterm - a.drain_seconds, 3)
