@@ -1,25 +1,38 @@
 """Stream migration figures (issue 18): two real `sl-serve` processes that
-share a resume key; N real-time streams on the first; SIGTERM it; every
-stream moves to the second. Prints JSON:
+share a resume key; `--streams` real-time streams on the first and
+`--resident` real-time streams on the second; SIGTERM the first; every
+stream on it moves to the second while the residents keep running there.
+Prints JSON, then the headline line:
 
 - `drain_to_all_resumed_s`: from SIGTERM until the last stream resumed on
   the second server, less `--drain-seconds` (the grace period streams get
   to finish before they move);
-- `moved_gap_ms`: per stream, the gap between the last output before the
-  move and the first after it, next to `normal_gap_ms` (p50 of the gaps
-  between outputs otherwise): the latency the move adds to its chunk.
+- `moved_gap_ms`: per moved stream, the gap between the last output before
+  the move and the first after it, next to `normal_gap_ms` (p50 of the gaps
+  between outputs otherwise): the latency the move adds to its chunk;
+- `resident`: the residents' chunk latency (chunk sent until the outputs it
+  makes possible arrived, as `sl-loadtest` measures it) and gaps between
+  outputs, before the SIGTERM and during the migration (from the SIGTERM to
+  the last stream resumed, plus 1 s), next to the servers'
+  `--latency-budget-ms`: "migration under load: none of the residents is
+  delayed past its budget" as a figure.
 
-    python -m loadtests.bench_migration [--model demo-asr] [--streams 16]
+    python -m loadtests.bench_migration [--model demo-asr] [--streams 64] [--resident 32]
+        [--chunk-ms 20] [--chunk-blocks 1]
 
 A figure, not a test: on a shared 2-core machine the servers, the clients
-and the compile all compete.
+and the compile all compete. The budget is the server's (chunk ready until
+its outputs); client-side latency adds the client's and the sockets' share.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import itertools
 import json
+import math
 import signal
 import tempfile
 import time
@@ -31,100 +44,218 @@ import numpy as np
 
 from clients.client import AsyncGrpcClient, Moved, Output
 from server.defaults import BUILTIN_MODELS
+from server.model import ModelInfo
+from server.runtime import SchedulerConfig
 from tests.server.serving import ServerProcess
 
-
-async def _paced(x: np.ndarray, frames: int, period_s: float) -> AsyncIterator[np.ndarray]:
-    start = time.monotonic()
-    for i in range(0, len(x), frames):
-        await asyncio.sleep(max(0.0, start + (i // frames) * period_s - time.monotonic()))
-        yield x[i : i + frames]
+# Resident outputs this soon after the start are start-up, not steady state.
+_WARM_UP_S = 1.0
+# The migration window ends this long after the last stream resumed.
+_AFTER_RESUME_S = 1.0
 
 
-async def _stream(client: AsyncGrpcClient, model: str, x: np.ndarray, chunk: int, period: float):  # type: ignore[no-untyped-def]
-    times: list[float] = []
-    moved_at: float | None = None
-    moved_index = 0
-    async for event in client.stream(model, _paced(x, chunk, period), report_moves=True):
+@dataclasses.dataclass
+class StreamTimes:
+    """One stream's outputs as its client saw them."""
+
+    outputs: list[float] = dataclasses.field(default_factory=list)  # arrival times
+    # (arrival time of the answer, chunk latency) per chunk answered.
+    latencies: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    moved_at: float | None = None  # resumed on the other server (the client's `Moved`)
+    moved_index: int = 0  # outputs before the move
+
+
+async def _stream(
+    client: AsyncGrpcClient,
+    info: ModelInfo,
+    x: np.ndarray,
+    chunk: int,
+    period: float,
+    server_chunk: int,
+) -> StreamTimes:
+    """Streams `x` in real time; records outputs, chunk latencies and the
+    move. `server_chunk`: the frames the server steps per tick."""
+    times = StreamTimes()
+    ratio = info.output_ratio
+    pending: list[tuple[int, float]] = []  # (output frames needed, time sent)
+
+    async def chunks() -> AsyncIterator[np.ndarray]:
+        start = time.monotonic()
+        sent = 0
+        for i in range(0, len(x), chunk):
+            await asyncio.sleep(max(0.0, start + (i // chunk) * period - time.monotonic()))
+            piece = x[i : i + chunk]
+            sent += len(piece)
+            stepped = (sent // server_chunk) * server_chunk
+            needed = math.floor(stepped * ratio) - info.output_latency
+            if needed > 0:
+                pending.append((needed, time.monotonic()))
+            yield piece
+
+    received = 0
+    async for event in client.stream(info.name, chunks(), report_moves=True):
+        now = time.monotonic()
         if isinstance(event, Output):
-            times.append(time.monotonic())
+            times.outputs.append(now)
+            received += event.frames.shape[0]
+            while pending and pending[0][0] <= received:
+                times.latencies.append((now, now - pending.pop(0)[1]))
         elif isinstance(event, Moved):
-            moved_at, moved_index = time.monotonic(), len(times)
-    return times, moved_at, moved_index
+            times.moved_at, times.moved_index = now, len(times.outputs)
+    return times
+
+
+def _percentiles(values: list[float]) -> dict[str, float | int | None]:
+    a = np.asarray(values) * 1000
+    if not a.size:
+        return {"count": 0, "p50": None, "p99": None, "max": None}
+    pct = lambda q: round(float(np.percentile(a, q)), 1)
+    return {"count": int(a.size), "p50": pct(50), "p99": pct(99), "max": round(float(a.max()), 1)}
+
+
+def _resident_figures(
+    residents: list[StreamTimes], started: float, sigterm: float, window_end: float
+) -> dict[str, Any]:
+    """Chunk latency and output gaps of the residents, before and during."""
+    before = lambda t: started + _WARM_UP_S <= t < sigterm
+    during = lambda t: sigterm <= t <= window_end
+    figures: dict[str, Any] = {}
+    for name, keep in (("before", before), ("during", during)):
+        latencies = [lat for r in residents for t, lat in r.latencies if keep(t)]
+        gaps = [b - a for r in residents for a, b in itertools.pairwise(r.outputs) if keep(b)]
+        figures[name] = {"latency_ms": _percentiles(latencies), "gap_ms": _percentiles(gaps)}
+    return figures
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="demo-asr")
-    p.add_argument("--streams", type=int, default=16)
-    p.add_argument("--seconds", type=float, default=8.0, help="audio per stream")
+    p.add_argument("--streams", type=int, default=64, help="streams that move")
+    p.add_argument(
+        "--resident", type=int, default=32, help="streams that keep running on the target"
+    )
+    p.add_argument("--seconds", type=float, default=8.0, help="audio per moving stream")
     p.add_argument("--drain-seconds", type=float, default=0.5)
+    p.add_argument(
+        "--chunk-ms",
+        type=float,
+        default=20.0,
+        help="audio per message (at least one block); fewer, larger messages cost the "
+        "clients and the doors less CPU",
+    )
+    p.add_argument(
+        "--chunk-blocks",
+        type=int,
+        default=1,
+        help="both servers' --chunk-blocks (one output message per stream per tick: at 1 "
+        "block, logmel's 10 ms, 96 streams are 9,600 output messages a second)",
+    )
+    p.add_argument(
+        "--latency-budget-ms",
+        type=float,
+        default=SchedulerConfig().latency_budget_ms,
+        help="both servers' --latency-budget-ms",
+    )
     a = p.parse_args()
     model = BUILTIN_MODELS[a.model]()
+    info = model.info(a.streams + a.resident)
     rate = model.sample_rate or 100
-    chunk = max(model.block_size, rate // 50)  # ~20 ms a message
+    server_chunk = model.block_size * a.chunk_blocks
+    chunk = max(server_chunk, int(rate * a.chunk_ms / 1000))
     period = chunk / rate
+    # Residents outlast the migration: SIGTERM comes at half the moving
+    # streams' audio; moving takes seconds at most.
+    resident_seconds = a.seconds + 4.0
     with tempfile.TemporaryDirectory() as tmp:
         key_file = Path(tmp) / "keys"
         key_file.write_text("m" * 64 + "\n")
-        args = [
+        common = [
             "--model",
             a.model,
             "--resume-key-file",
             str(key_file),
-            "--max-streams",
-            str(a.streams),
             "--drain-seconds",
             str(a.drain_seconds),
+            "--latency-budget-ms",
+            str(a.latency_budget_ms),
+            "--chunk-blocks",
+            str(a.chunk_blocks),
         ]
-        source = ServerProcess(args)
-        target = ServerProcess(args)
+        source = ServerProcess([*common, "--max-streams", str(a.streams)])
+        # Room for every moved stream next to the residents.
+        target = ServerProcess([*common, "--max-streams", str(a.streams + a.resident)])
         try:
             rng = np.random.default_rng(0)
-            n = int(a.seconds * rate)
-            inputs = [
-                (rng.normal(size=(n, *model.input_shape)) * 0.1).astype(np.float32)
-                for _ in range(a.streams)
-            ]
 
-            async def run() -> tuple[list[Any], float]:
-                client = AsyncGrpcClient([source.grpc_target, target.grpc_target])
-                tasks = [
-                    asyncio.create_task(_stream(client, a.model, x, chunk, period)) for x in inputs
+            def audio(seconds: float) -> np.ndarray:
+                shape = (int(seconds * rate), *model.input_shape)
+                return (rng.normal(size=shape) * 0.1).astype(np.float32)
+
+            moving_inputs = [audio(a.seconds) for _ in range(a.streams)]
+            resident_inputs = [audio(resident_seconds) for _ in range(a.resident)]
+
+            async def run() -> tuple[list[StreamTimes], list[StreamTimes], float, float]:
+                movers = AsyncGrpcClient([source.grpc_target, target.grpc_target])
+                stayers = AsyncGrpcClient(target.grpc_target)
+                started = time.monotonic()
+                residents = [
+                    asyncio.create_task(_stream(stayers, info, x, chunk, period, server_chunk))
+                    for x in resident_inputs
+                ]
+                moving = [
+                    asyncio.create_task(_stream(movers, info, x, chunk, period, server_chunk))
+                    for x in moving_inputs
                 ]
                 await asyncio.sleep(a.seconds / 2)
                 sigterm = time.monotonic()
                 source.proc.send_signal(signal.SIGTERM)
-                results = await asyncio.gather(*tasks)
-                await client.close()
-                return results, sigterm
+                moved = await asyncio.gather(*moving)
+                stayed = await asyncio.gather(*residents)
+                await movers.close()
+                await stayers.close()
+                return moved, stayed, started, sigterm
 
-            results, sigterm = asyncio.run(run())
+            moved_all, residents, started, sigterm = asyncio.run(run())
         finally:
             for server in (source, target):
                 if server.proc.poll() is None:
                     server.terminate()
-    moved = [r for r in results if r[1] is not None]
+    moved = [r for r in moved_all if r.moved_at is not None]
     gaps, normal = [], []
-    for times, _, index in moved:
-        diffs = np.diff(times) * 1000
-        if 0 < index < len(times):
-            gaps.append(float(diffs[index - 1]))
-        normal += [d for i, d in enumerate(diffs) if i != index - 1]
+    for r in moved:
+        diffs = np.diff(r.outputs) * 1000
+        if 0 < r.moved_index < len(r.outputs):
+            gaps.append(float(diffs[r.moved_index - 1]))
+        normal += [d for i, d in enumerate(diffs) if i != r.moved_index - 1]
+    last_resumed = max((r.moved_at for r in moved if r.moved_at is not None), default=None)
+    window_end = (last_resumed if last_resumed is not None else sigterm) + _AFTER_RESUME_S
+    resident = _resident_figures(residents, started, sigterm, window_end)
+    report = {
+        "model": a.model,
+        "chunk_ms": round(1000 * period, 1),
+        "chunk_blocks": a.chunk_blocks,
+        "streams": a.streams,
+        "moved": len(moved),
+        "drain_to_all_resumed_s": round(last_resumed - sigterm - a.drain_seconds, 3)
+        if last_resumed is not None
+        else None,
+        "moved_gap_ms_p50": float(np.median(gaps)) if gaps else None,
+        "moved_gap_ms_max": max(gaps) if gaps else None,
+        "normal_gap_ms_p50": float(np.median(normal)) if normal else None,
+        "resident": {
+            "streams": a.resident,
+            "latency_budget_ms": a.latency_budget_ms,
+            "window_s": round(window_end - sigterm, 3),
+            **resident,
+        },
+    }
+    print(json.dumps(report))
+    before = resident["before"]["latency_ms"]["p99"]
+    during = resident["during"]["latency_ms"]["p99"]
     print(
-        json.dumps(
-            {
-                "model": a.model,
-                "streams": a.streams,
-                "moved": len(moved),
-                "drain_to_all_resumed_s": max(m[1] for m in moved) - sigterm - a.drain_seconds
-                if moved
-                else None,
-                "moved_gap_ms_p50": float(np.median(gaps)) if gaps else None,
-                "moved_gap_ms_max": max(gaps) if gaps else None,
-                "normal_gap_ms_p50": float(np.median(normal)) if normal else None,
-            }
-        )
+        f"resident p99 chunk latency during migration: {during} ms (before: {before} ms; "
+        f"budget {a.latency_budget_ms:g} ms); {len(moved)}/{a.streams} moved, "
+        f"{a.resident} resident"
     )
 
 

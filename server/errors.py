@@ -37,6 +37,12 @@ class Unauthenticated(StreamError):
     code = "UNAUTHENTICATED"
 
 
+class PermissionDenied(StreamError):
+    """The caller is known (or need not be) but may not do this."""
+
+    code = "PERMISSION_DENIED"
+
+
 class DeadlineExceeded(StreamError):
     """The stream was idle for longer than the idle timeout."""
 

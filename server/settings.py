@@ -37,7 +37,9 @@ class ServerSettings:
     grpc_port: int = knob(50051, "gRPC port", positive=True)
     http_port: int = knob(8080, "HTTP and WebSocket port", positive=True)
     drain_seconds: float = knob(
-        10.0, "on SIGTERM, how long streams in flight may go on before they are ended"
+        10.0,
+        "on SIGTERM (or `POST /v1/admin/drain`), how long streams in flight may go on before "
+        "they are ended or moved",
     )
     api_key_file: str | None = knob(None, "file with one API key per line: auth on")
     api_keys: tuple[str, ...] = knob((), "API keys (flag: --api-key, repeatable)", flag=False)
@@ -47,6 +49,12 @@ class ServerSettings:
         "resume tokens, all verify, so keys rotate), e.g. a mounted Kubernetes Secret shared "
         "by the replicas; on SIGTERM, open streams then move to another replica instead of "
         "ending (server/resume.py)",
+    )
+    admin_key_file: str | None = knob(
+        None,
+        "file with one admin key per line: `POST /v1/admin/drain` then needs `Authorization: "
+        "Bearer KEY` with one of them (API keys never grant admin); without it only loopback "
+        "clients may call it",
     )
     tls_cert: str | None = knob(None, "PEM certificate: gRPC with TLS, HTTPS and WSS")
     tls_key: str | None = knob(None, "PEM private key for --tls-cert")

@@ -2,10 +2,11 @@
 
 Lifecycle: parse flags -> load models -> start HTTP and gRPC (alive, not
 ready) -> compile every tick bucket -> ready -> serve -> on SIGTERM/SIGINT
-drain: readiness false, new streams refused (UNAVAILABLE / close 1013),
-streams in flight get `--drain-seconds` to finish, the rest end with
-UNAVAILABLE (or, with `--resume-key-file`, move: each gets `moved` with a
-resume token another replica continues it from) -> exit 0.
+(or `POST /v1/admin/drain`, which may set its own grace period) drain:
+readiness false, new streams refused (UNAVAILABLE / close 1013), streams in
+flight get `--drain-seconds` to finish, the rest end with UNAVAILABLE (or,
+with `--resume-key-file`, move: each gets `moved` with a resume token
+another replica continues it from) -> exit 0.
 
     sl-serve                                 # built-ins: demo-asr, demo-vocoder, logmel, silero-vad
     sl-serve --model asr=./models/asr --max-streams 64 --api-key-file key.txt
@@ -31,9 +32,9 @@ from server.app.config_file import ConfigFileError
 from server.app.settings import build_parser, resolve_settings
 from server.compile_cache import enable_compile_cache
 from server.errors import ModelLoadError
-from server.frontdoors.auth import ApiKeys
+from server.frontdoors.auth import AdminAccess, ApiKeys
 from server.frontdoors.grpc import GrpcServer
-from server.frontdoors.http import create_app
+from server.frontdoors.http import DrainStatus, create_app
 from server.metrics import Metrics
 from server.resume import ResumeKeyError, load_keys
 from server.runtime import Runtime
@@ -43,6 +44,27 @@ log = logging.getLogger("sl-serve")
 
 # Longest a drain waits for moved streams' doors to write their `moved`.
 _MOVE_SECONDS = 5.0
+
+
+class Drain:
+    """The process's one drain. SIGTERM, SIGINT and `POST /v1/admin/drain`
+    all start it; the first start sets the grace period, later ones change
+    nothing (a second signal or call during a drain is not a second drain)."""
+
+    def __init__(self, runtime: Runtime, grace_s: float) -> None:
+        self.requested = asyncio.Event()
+        self.grace_s = grace_s
+        self._runtime = runtime
+
+    def start(self, grace_s: float | None = None) -> DrainStatus:
+        if not self.requested.is_set():
+            if grace_s is not None:
+                self.grace_s = grace_s
+            # At once, not when `serve` wakes: the caller of the admin call
+            # sees /readyz fail and new streams refused as soon as it returns.
+            self._runtime.drain()
+            self.requested.set()
+        return DrainStatus(streams=self._runtime.active_streams, grace_s=self.grace_s)
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -81,10 +103,13 @@ async def serve(args: argparse.Namespace) -> int:
             raise ModelLoadError("--tls-cert and --tls-key go together.")
         tls = (Path(cfg["tls_key"]).read_bytes(), Path(cfg["tls_cert"]).read_bytes())
 
+    drain = Drain(runtime, cfg["drain_seconds"])
     grpc_server = GrpcServer(runtime, cfg["host"], cfg["grpc_port"], keys, tls)
     await grpc_server.set_serving(False)
     await grpc_server.start()
-    app = create_app(runtime, keys, metrics.render)
+    app = create_app(
+        runtime, keys, metrics.render, drainer=drain, admin=AdminAccess(settings.admin_keys)
+    )
     http = _EmbeddedUvicorn(
         uvicorn.Config(
             app,
@@ -106,9 +131,8 @@ async def serve(args: argparse.Namespace) -> int:
     )
     http_task = asyncio.create_task(http.serve())
 
-    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, drain.start)
 
     log.info("compiling %s", ", ".join(models))
     started = loop.time()
@@ -119,7 +143,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     compile_task = loop.run_in_executor(None, runtime.start, model_ready)
     await asyncio.wait(
-        [asyncio.ensure_future(compile_task), asyncio.ensure_future(stop.wait())],
+        [asyncio.ensure_future(compile_task), asyncio.ensure_future(drain.requested.wait())],
         return_when=asyncio.FIRST_COMPLETED,
     )
     if compile_task.done():
@@ -135,16 +159,16 @@ async def serve(args: argparse.Namespace) -> int:
             cfg["http_port"],
         )
         print(f"sl-serve ready grpc={grpc_server.port} http={cfg['http_port']}", flush=True)
-        await stop.wait()
+        await drain.requested.wait()
 
     if not compile_task.done():
         runtime.stop()  # stops compiling after the bucket in progress
     # Drain: refuse new streams, let streams in flight finish, then move them
     # (with resume keys) or end them.
-    log.info("draining for up to %.1f s", cfg["drain_seconds"])
+    log.info("draining for up to %.1f s", drain.grace_s)
     runtime.drain()
     await grpc_server.set_serving(False, list(models))
-    deadline = loop.time() + cfg["drain_seconds"]
+    deadline = loop.time() + drain.grace_s
     await _wait_until(lambda: not runtime.active_streams, streams_changed, deadline)
     moving = runtime.move_streams()
     if moving:

@@ -47,6 +47,8 @@ class Settings:
     models: dict[str, ServableModel]
     schedulers: dict[str, SchedulerConfig]
     api_keys: list[str]
+    # `--admin-key-file`: who may call the admin routes (empty: loopback only).
+    admin_keys: list[str] = dataclasses.field(default_factory=list)
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
@@ -82,7 +84,20 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     if server["api_key_file"]:
         text = Path(server["api_key_file"]).read_text()
         keys += [line.strip() for line in text.splitlines() if line.strip()]
-    return Settings(server, models, schedulers, keys)
+    admin_keys = []
+    if server["admin_key_file"]:
+        admin_keys = read_admin_keys(server["admin_key_file"])
+    return Settings(server, models, schedulers, keys, admin_keys)
+
+
+def read_admin_keys(path: str | Path) -> list[str]:
+    """One key a line; blank lines and `#` comments skipped. A file without a
+    key is an error: falling back to loopback-only would hide the mistake."""
+    lines = (line.strip() for line in Path(path).read_text().splitlines())
+    keys = [line for line in lines if line and not line.startswith("#")]
+    if not keys:
+        raise ValueError(f"--admin-key-file {path}: no key in it; put one key on each line.")
+    return keys
 
 
 def load_models(specs: list[str], default_builtins: bool = True) -> dict[str, ServableModel]:

@@ -1,21 +1,23 @@
 """The HTTP front door (FastAPI on uvicorn): health, readiness, metrics, model
-listing, OpenAPI docs, the browser client, and the WebSocket stream route
-(`server.frontdoors.websocket`), all on one port.
+listing, the admin drain call, OpenAPI docs, the browser client, and the
+WebSocket stream route (`server.frontdoors.websocket`), all on one port.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.routing import WebSocketRoute
 
-from server.errors import StreamError
-from server.frontdoors.auth import HEADER_HINT, ApiKeys
+from server.errors import PermissionDenied, StreamError, Unauthenticated
+from server.frontdoors.auth import HEADER_HINT, AdminAccess, ApiKeys
 from server.frontdoors.bridge import StreamRuntime
 from server.frontdoors.websocket import WebSocketStream, error_body
 from server.model import ModelInfo
@@ -23,6 +25,32 @@ from server.stats import ErrorStats
 
 WEB_DIR = Path(__file__).resolve().parents[2] / "clients" / "web"
 STREAM_PATH = "/v1/models/{model}/stream"
+DRAIN_PATH = "/v1/admin/drain"
+
+
+@dataclasses.dataclass(frozen=True)
+class DrainStatus:
+    """The drain under way, as `Drainer.start` reports it."""
+
+    streams: int  # streams open when the call came
+    grace_s: float  # the grace period of the drain (of the first call, if it was earlier)
+
+
+class Drainer(Protocol):
+    """The process's one drain (SIGTERM does the same, see server/app/serve.py)."""
+
+    def start(self, grace_s: float | None = None) -> DrainStatus:
+        """Starts draining with `grace_s` (None: `--drain-seconds`); once
+        started, later calls change nothing and report the drain under way."""
+        ...
+
+
+class DrainAccepted(BaseModel):
+    """`POST /v1/admin/drain`'s answer (202)."""
+
+    draining: bool
+    streams: int
+    grace_s: float
 
 
 def create_app(
@@ -30,8 +58,13 @@ def create_app(
     api_keys: ApiKeys | None = None,
     metrics: Callable[[], tuple[bytes, str]] | None = None,
     max_message_bytes: int = 16 * 1024 * 1024,
+    *,
+    drainer: Drainer | None = None,
+    admin: AdminAccess | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `runtime`. `metrics()` returns (body, content type)."""
+    """The FastAPI app serving `runtime`. `metrics()` returns (body, content
+    type). With `drainer`, `POST /v1/admin/drain` starts the drain, for the
+    callers `admin` allows (default: loopback only)."""
     app = FastAPI(
         title="sequence-layers-serving",
         description="Streaming inference for SequenceLayers models. Streams go over "
@@ -102,6 +135,52 @@ def create_app(
             return JSONResponse(model_json(runtime.get_model(model)))
         except StreamError as e:
             return refuse(e, 404, model)
+
+    if drainer is not None:
+        access = admin or AdminAccess()
+
+        @app.post(
+            DRAIN_PATH,
+            status_code=202,
+            response_model=DrainAccepted,
+            summary="Drain this server, as SIGTERM does",
+            description="Readiness turns false and new streams are refused; streams in flight "
+            "get the grace period to finish, then each one still open moves to another replica "
+            "with a resume token (with `--resume-key-file`) or ends with UNAVAILABLE; then the "
+            "process exits 0. Calls while a drain is under way answer 202 and change nothing. "
+            "Auth: `Authorization: Bearer KEY` with a key of `--admin-key-file` (API keys do not "
+            "grant admin); without admin keys, loopback clients only.",
+            responses={
+                401: {"description": "missing or wrong admin key"},
+                403: {"description": "no admin keys configured and the client is not on loopback"},
+            },
+        )
+        async def admin_drain(
+            request: Request,
+            grace_s: Annotated[
+                float | None,
+                Query(
+                    ge=0,
+                    allow_inf_nan=False,
+                    description="grace period for this drain in seconds (default "
+                    "`--drain-seconds`; 0: streams move at once)",
+                ),
+            ] = None,
+        ) -> Response:
+            try:
+                access.check(
+                    request.headers.get("authorization"),
+                    client_host=request.client.host if request.client else None,
+                )
+            except Unauthenticated as e:
+                refused = refuse(e, 401)
+                refused.headers["WWW-Authenticate"] = "Bearer"
+                return refused
+            except PermissionDenied as e:
+                return refuse(e, 403)
+            status = drainer.start(grace_s)
+            body = DrainAccepted(draining=True, streams=status.streams, grace_s=status.grace_s)
+            return JSONResponse(body.model_dump(), status_code=202)
 
     # A raw ASGI endpoint (see server/frontdoors/websocket.py for why).
     endpoint = WebSocketStream(runtime, keys, max_message_bytes)

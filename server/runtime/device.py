@@ -218,10 +218,6 @@ class Device:
             jnp.squeeze(jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=ax), axis=ax)
             for a, ax in zip(leaves, self._axes, strict=True)
         ]
-        self._write_row = lambda leaves, slot, row: [
-            jax.lax.dynamic_update_slice_in_dim(a, jnp.expand_dims(r, ax), slot, axis=ax)
-            for a, r, ax in zip(leaves, row, self._axes, strict=True)
-        ]
 
         def on_leaves(tick: Callable[..., Any]) -> Callable[..., Any]:
             # (variables, state, ...) -> (variable leaves, state leaves, ...)
@@ -312,6 +308,8 @@ class Device:
                     x_spec(bucket),
                     ids_spec(bucket),
                 )
+                # Only for resumed streams' rows (`write_rows`) here.
+                lower((bucket, "scatter"), scatter, self.state, ids_spec(bucket), rows_spec(bucket))
         # With one row per slot the full tick is the step on every row: the
         # bucket of max_streams rows already is that program.
         full_is_rows = split and self.rows == n and n in self.buckets
@@ -320,18 +318,10 @@ class Device:
         start = time.perf_counter()
         slot_spec = jax.ShapeDtypeStruct((), jnp.int32)
         lowered["reset"] = (reset.lower(self.state, slot_spec), time.perf_counter() - start)
-        # Stream migration: one slot's row to the host (hand-off), and a row
-        # from a resume token into a slot. Compiled with the rest so the
-        # first resumed stream pays no compile.
-        start = time.perf_counter()
-        row_spec = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self.row_layout]
-        read = jax.jit(self._read_row)
-        write = jax.jit(self._write_row, donate_argnums=(0,), out_shardings=self._state_sharding)
-        lowered["read_row"] = (read.lower(self.state, slot_spec), 0.0)
-        lowered["write_row"] = (
-            write.lower(self.state, slot_spec, row_spec),
-            time.perf_counter() - start,
-        )
+        # Stream migration: one slot's row to the host (hand-off). Rows from
+        # resume tokens go in through the bucket's scatter (`write_rows`).
+        # Compiled with the rest so the first resumed stream pays no compile.
+        lower("read_row", jax.jit(self._read_row), self.state, slot_spec)
 
         seconds: dict[Any, float] = {}
 
@@ -355,9 +345,10 @@ class Device:
             }
         else:
             self._compiled = {b: compiled[b, "partial"] for b in self.buckets}
+        self._scatter = {b: compiled[b, "scatter"] for b in self.buckets}
         self._full = compiled[n, "rows"] if full_is_rows else compiled["full"]
         self._reset = compiled["reset"]
-        self._read, self._write = compiled["read_row"], compiled["write_row"]
+        self._read = compiled["read_row"]
         # The metric has one figure per bucket (its programs together) and
         # one "full" for the full tick and the slot programs.
         for key, value in seconds.items():
@@ -425,9 +416,28 @@ class Device:
 
     def write_rows(self, rows: list[tuple[int, tuple[np.ndarray, ...]]]) -> None:
         """Puts resumed streams' state rows (from their tokens) into their
-        slots, in place of the reset a new stream gets."""
-        for slot, row in rows:
-            self.state = self._write(self.state, np.int32(slot), list(row))
+        slots, in place of the reset a new stream gets: one device call for
+        all of them (a tick's restores never exceed a bucket), the scatter of
+        a partial tick on the rows padded to a bucket. One call per row made
+        the tick that first steps them wait for every row's call and
+        transfer, and every other stream in that tick with it."""
+        largest = self.buckets[-1]
+        for start in range(0, len(rows), largest):
+            part = rows[start : start + largest]
+            bucket = next(b for b in self.buckets if b >= len(part))
+            slot_ids = np.full((bucket,), self.padding_slot, np.int32)
+            slot_ids[: len(part)] = [slot for slot, _ in part]
+            stacked = []
+            for leaf, ((shape, dtype), ax) in enumerate(
+                zip(self.row_layout, self._axes, strict=True)
+            ):
+                # The state's layout: the bucket at the leaf's slot axis.
+                # Aligned, so the CPU runtime reads it in place, not a copy
+                # (64 demo-asr rows are 32 MB).
+                values = aligned_zeros((*shape[:ax], bucket, *shape[ax:]), dtype)
+                np.moveaxis(values, ax, 0)[: len(part)] = [row[leaf] for _, row in part]
+                stacked.append(values)
+            self.state = self._scatter[bucket](self.state, slot_ids, stacked)
 
     def read_row(self, slot: int) -> tuple[np.ndarray, ...]:
         """One slot's state row on the host (a moving stream's, for its

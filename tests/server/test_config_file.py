@@ -113,3 +113,23 @@ def test_every_knob_is_a_flag_and_a_file_key(tmp_path: Path) -> None:
     bad = _write(tmp_path, "[defaults]\nshard = 1\n")
     with pytest.raises(ConfigFileError, match="`shard` must be bool"):
         load_config_file(bad)
+
+
+def test_admin_key_file_from_the_file_or_a_flag(tmp_path: Path) -> None:
+    keys = tmp_path / "admin-keys"
+    keys.write_text("# rotate: new key first\nnew-key\n\n  old-key  \n")
+    path = _write(
+        tmp_path, f"[server]\nadmin_key_file = '{keys}'\n\n[models.mel]\nbuiltin = 'logmel'\n"
+    )
+    settings = resolve_settings(build_parser().parse_args(["--config", str(path)]))
+    assert settings.admin_keys == ["new-key", "old-key"]
+    assert settings.api_keys == []  # admin keys are not API keys
+    other = tmp_path / "other-keys"
+    other.write_text("flag-key\n")
+    args = build_parser().parse_args(["--config", str(path), "--admin-key-file", str(other)])
+    assert resolve_settings(args).admin_keys == ["flag-key"]
+    other.write_text("# no key yet\n\n")
+    with pytest.raises(ValueError, match="no key in it"):
+        resolve_settings(
+            build_parser().parse_args(["--config", str(path), "--admin-key-file", str(other)])
+        )

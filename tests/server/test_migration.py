@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -296,3 +298,157 @@ def test_silero_vad_moves_with_its_speech_segments() -> None:
     testing.assert_allclose(_joined(outputs), probs, atol=1e-4, rtol=1e-4)
     expected = SpeechSegmenter(options, 512, 16000).push(probs[:, 0].tolist())
     assert events == expected and len(expected) >= 2
+
+
+class TickLog:
+    """A `Device` that records what each tick did: the slots it stepped, the
+    rows restored before it and how many device calls those took. With
+    `park()`, the next tick waits in its dispatch (holding no lock) until
+    `release()`: streams admitted meanwhile all join the tick after it."""
+
+    def __init__(self, device: Any) -> None:
+        self._device = device
+        self.ticks: list[tuple[set[int], list[int], int]] = []  # stepped, restored, write calls
+        self._restored: list[int] = []
+        self._write_calls = 0
+        self.write_threads: set[str] = set()
+        self._park = False
+        self.parked = threading.Event()
+        self._release = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._device, name)
+
+    def count_write_calls(self) -> None:
+        """Counts the calls of the programs that write resumed rows (after `start`)."""
+
+        def counted(program: Any) -> Any:
+            def call(*args: Any) -> Any:
+                self._write_calls += 1
+                return program(*args)
+
+            return call
+
+        self._device._scatter = {b: counted(p) for b, p in self._device._scatter.items()}
+
+    def write_rows(self, rows: list[tuple[int, tuple[np.ndarray, ...]]]) -> None:
+        self.write_threads.add(threading.current_thread().name)
+        self._restored += [slot for slot, _ in rows]
+        self._device.write_rows(rows)
+
+    def dispatch(self, slot_ids: np.ndarray, x: np.ndarray, lengths: np.ndarray) -> Any:
+        if self._park:
+            self._park = False
+            self.parked.set()
+            self._release.wait(timeout=60)
+        stepped = {int(s) for s in slot_ids if s != self._device.padding_slot}
+        self.ticks.append((stepped, self._restored, self._write_calls))
+        self._restored, self._write_calls = [], 0
+        return self._device.dispatch(slot_ids, x, lengths)
+
+    def park(self) -> None:
+        self._park = True
+
+    def release(self) -> None:
+        self._release.set()
+
+
+def test_64_streams_move_into_a_replica_where_32_keep_running() -> None:
+    """The issue's migration under load: 64 streams move from A into B while
+    32 resident streams run on B. B's first tick is held while the 64 resume,
+    so all 64 restores land in the next, the worst case: that tick writes their
+    rows in one device call, still steps every resident, and no resident
+    misses a tick from its first chunk to its last. Every output == offline."""
+    model = _asr_like()
+    source = Runtime(
+        {"asr": model},
+        SchedulerConfig(max_streams=64, buckets=(64,), max_batch_delay_ms=1.0),
+        resume_keys=KEYS,
+    )
+    target = Runtime(
+        {"asr": dataclasses.replace(model)},
+        # A large backlog: residents are never held back because this test
+        # reads their outputs late, so each is ready for every tick.
+        SchedulerConfig(
+            max_streams=96, buckets=(96,), max_batch_delay_ms=1.0, max_output_backlog=1000
+        ),
+        resume_keys=KEYS,
+    )
+    log = TickLog(target.engines["asr"].device)
+    target.engines["asr"].device = log
+    source.start()
+    target.start()
+    log.count_write_calls()
+    rng = np.random.default_rng(7)
+    moved_x = [rng.normal(size=(60, 2)).astype(np.float32) for _ in range(64)]
+    resident_x = [rng.normal(size=(60, 2)).astype(np.float32) for _ in range(32)]
+
+    async def run() -> tuple[list[np.ndarray], list[np.ndarray], list[int], list[int]]:
+        moving = [source.open_stream("asr") for _ in moved_x]
+        moved_out: list[dict[int, np.ndarray]] = [{} for _ in moved_x]
+        firsts = [asyncio.create_task(_collect(h, o)) for h, o in zip(moving, moved_out)]
+        for handle, x in zip(moving, moved_x, strict=True):
+            handle.send(x[:21])
+        # The target's first tick (residents only) parks until the 64 resumed.
+        log.park()
+        residents = [target.open_stream("asr") for _ in resident_x]
+        for handle, x in zip(residents, resident_x, strict=True):
+            handle.send(x)
+            handle.end()
+        resident_out: list[dict[int, np.ndarray]] = [{} for _ in resident_x]
+        resident_tasks = [
+            asyncio.create_task(_collect(h, o)) for h, o in zip(residents, resident_out)
+        ]
+        assert await asyncio.to_thread(log.parked.wait, 60), "the target never ticked"
+        assert source.move_streams() == 64
+        tokens = []
+        for handle, first in zip(moving, firsts, strict=True):
+            moved = await asyncio.wait_for(first, 60)
+            assert isinstance(moved, Moved) and moved.frames_received == 21
+            handle.cancel()
+            tokens.append(moved.resume_token)
+        resumed = [target.open_stream("asr", resume_token=t) for t in tokens]
+        for handle, x in zip(resumed, moved_x, strict=True):
+            handle.send(x[21:])
+            handle.end()
+        # Read while the tick thread is parked: nothing changes the table now.
+        slots = {s.stream_id: s.slot for s in target.engines["asr"].scheduler.streams()}
+        log.release()
+        for handle, outputs in zip(resumed, moved_out, strict=True):
+            assert isinstance(await asyncio.wait_for(_collect(handle, outputs), 60), Ended)
+            handle.cancel()
+        for handle, task in zip(residents, resident_tasks, strict=True):
+            assert isinstance(await asyncio.wait_for(task, 60), Ended)
+            handle.cancel()
+        resident_slots = [slots[h.stream_id] for h in residents]
+        resumed_slots = [slots[h.stream_id] for h in resumed]
+        return (
+            [_joined(o) for o in moved_out],
+            [_joined(o) for o in resident_out],
+            resident_slots,
+            resumed_slots,
+        )
+
+    try:
+        moved_y, resident_y, resident_slots, resumed_slots = asyncio.run(run())
+    finally:
+        log.release()
+        source.stop()
+        target.stop()
+    for x, y in zip([*moved_x, *resident_x], [*moved_y, *resident_y], strict=True):
+        testing.assert_allclose(y, model.offline(x), atol=1e-5, rtol=1e-5)
+
+    restoring = [i for i, (_, restored, _) in enumerate(log.ticks) if restored]
+    assert len(restoring) == 1, f"restores spread over ticks {restoring}"
+    stepped, restored, write_calls = log.ticks[restoring[0]]
+    assert sorted(restored) == sorted(resumed_slots)
+    # One device call for the 64 rows, on the tick thread (never on a door's
+    # loop under the engine lock), in the tick that first steps them.
+    assert write_calls == 1
+    assert log.write_threads == {"tick-asr"}
+    assert set(resumed_slots) | set(resident_slots) <= stepped
+    # No resident misses a tick: each is in every tick from its first to its last.
+    for slot in resident_slots:
+        ticks = [i for i, (s, _, _) in enumerate(log.ticks) if slot in s]
+        assert ticks == list(range(ticks[0], ticks[-1] + 1)), f"resident in slot {slot}: {ticks}"
+        assert ticks[0] <= restoring[0] < ticks[-1]

@@ -4,7 +4,8 @@ stream moves to the second (the project's client follows the move) and its
 outputs equal offline, over gRPC and WebSocket, for a model with input
 latency, a strided conv and a KV cache, and for one with output_ratio 3.
 Refused tokens (tampered, foreign key, other model, expired) get their
-status on both doors and the server keeps serving."""
+status on both doors and the server keeps serving. The admin drain call
+(`POST /v1/admin/drain`) moves streams as SIGTERM does."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import asyncio
 import base64
 import json
 import signal
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from tests.server.serving import ServerProcess
 pytestmark = pytest.mark.e2e  # starts server processes: not in `make test-fast`
 
 KEY = "k" * 48
+ADMIN_KEY = "admin-" + "a" * 32
 
 
 def _models(root: Path) -> dict[str, Path]:
@@ -80,11 +84,16 @@ def _args(dirs: dict[str, Path], key_file: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
+def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "resume-keys"
+    path.write_text(f"# newest first\n{KEY}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
 def pair(
-    model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    model_dirs: dict[str, Path], key_file: Path
 ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    key_file = tmp_path_factory.mktemp("keys") / "resume-keys"
-    key_file.write_text(f"# newest first\n{KEY}\n")
     source = ServerProcess(_args(model_dirs, key_file))
     try:
         target = ServerProcess(_args(model_dirs, key_file))
@@ -246,3 +255,70 @@ def test_refused_tokens_get_their_status_and_the_server_keeps_serving(
         assert out[name] == (code, (code, ws_close)), name
     expected = load_model_dir(model_dirs["asr"], name="asr").offline(np.ones((30, 2), np.float32))
     assert out["serving"] == len(expected)
+
+
+def _post(url: str, authorization: str | None = None) -> tuple[int, dict[str, Any]]:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    request = urllib.request.Request(url, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, json.loads(e.read())
+
+
+def test_admin_drain_moves_every_stream_then_the_process_exits(
+    pair: tuple[ServerProcess, ServerProcess],
+    model_dirs: dict[str, Path],
+    key_file: Path,
+    tmp_path: Path,
+) -> None:
+    """`POST /v1/admin/drain?grace_s=0` drains as SIGTERM does, without the
+    `--drain-seconds` wait (a minute here: a drain that waited would see the
+    streams end instead of move)."""
+    _, target = pair
+    if target.proc.poll() is not None:
+        pytest.skip("the target replica is gone")
+    admin_file = tmp_path / "admin-keys"
+    admin_file.write_text(f"{ADMIN_KEY}\n")
+    args = _args({"asr": model_dirs["asr"]}, key_file)
+    first = ServerProcess([*args, "--drain-seconds", "60", "--admin-key-file", str(admin_file)])
+    drain_url = f"{first.http_url}/v1/admin/drain?grace_s=0"
+    rng = np.random.default_rng(1)
+    plan = ["grpc", "ws"] * 2
+    inputs = [rng.normal(size=(300, 2)).astype(np.float32) for _ in plan]
+    try:
+
+        async def run() -> tuple[list[tuple[np.ndarray, int]], list[tuple[int, Any]]]:
+            grpc_client = AsyncGrpcClient([first.grpc_target, target.grpc_target])
+            ws_client = AsyncWebSocketClient([first.ws_url, target.ws_url])
+            started = [asyncio.Event() for _ in plan]
+            tasks = []
+            for door, x, first_output in zip(plan, inputs, started, strict=True):
+                client: Any = grpc_client if door == "grpc" else ws_client
+                events = client.stream("asr", _paced(x, 5), report_moves=True)
+                tasks.append(asyncio.create_task(_run(events, first_output)))
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+            calls = [
+                # Admin keys configured: loopback alone is not enough, nor a wrong key.
+                await asyncio.to_thread(_post, drain_url),
+                await asyncio.to_thread(_post, drain_url, "Bearer not-the-key"),
+                await asyncio.to_thread(_post, drain_url, f"Bearer {ADMIN_KEY}"),
+            ]
+            try:
+                return await asyncio.wait_for(asyncio.gather(*tasks), 60), calls
+            finally:
+                await grpc_client.close()
+
+        results, calls = asyncio.run(run())
+        assert first.proc.wait(timeout=30) == 0, first.log()
+    finally:
+        if first.proc.poll() is None:
+            first.kill()
+    assert [status for status, _ in calls] == [401, 401, 202]
+    assert calls[2][1] == {"draining": True, "streams": len(plan), "grace_s": 0.0}
+    expected = load_model_dir(model_dirs["asr"], name="asr")
+    for door, x, (y, moves) in zip(plan, inputs, results, strict=True):
+        assert moves == 1, f"{door}: moved {moves} times"
+        testing.assert_allclose(y, expected.offline(x), atol=1e-5, rtol=1e-5)
