@@ -223,11 +223,11 @@ class _GatedRNN(types.SequenceLayer):
         unroll = frames <= _FULL_UNROLL_FRAMES
         # Input projection hoisted out of the cells for one row only: there
         # each frame's is a matrix-vector dot, a kernel of its own plus a
-        # slicing fusion (hoisted, 256-frame GRU/RNN x2 `layer()`: 1.1-1.3x).
-        # More rows make it a small GEMM whose result stays in cache; a
-        # hoisted GEMM runs on both threads of this 2-core machine and was
-        # slower (LSTM x2, batch 32, 8-frame steps: 43.7 ms wall for 61.8 ms
-        # CPU vs 37.6 / 39.5; `layer()`, batch 2 / 4 / 32: 1.0 / 1.0 / 0.7x).
+        # slicing fusion (hoisted, 256-frame `layer()`: RNN x2 1.3x, GRU and
+        # LSTM x2 1.0-1.1x). More rows make it a small GEMM whose result stays
+        # in cache; a hoisted GEMM runs on both threads of this 2-core machine
+        # and was slower (LSTM x2, batch 32, 8-frame steps: 43.7 ms wall for
+        # 61.8 ms CPU vs 37.6 / 39.5; `layer()`, batch 2/4/32: 1.0/1.0/0.7x).
         hoist = batch == 1
         if hoist:
             xs = self._project(params, xs)
