@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from sequence_layers import types
-from sequence_layers.sequence import ChannelSpec, Sequence
+from sequence_layers.sequence import ChannelSpec, MaskedSequence, Sequence
 from sequence_layers.simple._common import get_promoted_dtype
 
 __all__ = ["GRU", "LSTM", "RGLRU", "RNN", "orthogonal_init", "unit_forget_bias"]
@@ -32,6 +32,9 @@ __all__ = ["GRU", "LSTM", "RGLRU", "RNN", "orthogonal_init", "unit_forget_bias"]
 Initializer = Callable[..., jax.Array]
 # A partitioning spec (one mesh axis name or None per parameter dimension).
 Sharding = tuple[str | None, ...]
+Params = dict[str, jax.Array]
+# A recurrent state (leaves `[b, 1, units]`) or a split input projection.
+Arrays = tuple[jax.Array, ...]
 
 
 def unit_forget_bias(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
@@ -88,13 +91,9 @@ class _Weight(nn.Module):
 _FULL_UNROLL_FRAMES = 16
 
 
-def _where_valid(valid: jax.Array, new: Any, old: Any) -> Any:
-    """Per row, `new` where `valid [b]` else `old` (state leaves are batch-major)."""
-
-    def pick(n: jax.Array, o: jax.Array) -> jax.Array:
-        return jnp.where(valid.reshape(valid.shape + (1,) * (n.ndim - 1)), n, o)
-
-    return jax.tree.map(pick, new, old)
+def _where_valid(valid: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """Per row, `new` where `valid [b]` else `old` (`[b, 1, units]`, in `old`'s dtype)."""
+    return jnp.where(valid[:, None, None], new.astype(old.dtype), old)
 
 
 def _check_units(units: int, name: str) -> None:
@@ -177,13 +176,12 @@ class _GatedRNN(types.SequenceLayer):
         return params
 
     @nn.nowrap
-    def _cell(
-        self, params: dict[str, jax.Array], xw: tuple[jax.Array, ...], state: Any
-    ) -> tuple[jax.Array, Any]:
-        """One frame: `xw`, the input projection plus input bias (split per
-        gate into `num_gates` arrays `[b, units]` if `_split_gates`, else one
-        `[b, num_gates * units]`), and the state (leaves `[b, units]`) ->
-        (`y [b, units]`, new state)."""
+    def _cell(self, params: Params, xw: Arrays, state: Arrays, valid: jax.Array) -> Arrays:
+        """One frame: `xw` (input projection plus bias, `[b, 1, gates * units]`,
+        split per gate if `_split_gates`), the state (`h` last) and `valid [b]`
+        -> the new state (`state` on invalid rows). Selecting here, with the
+        output read from the selected `h`, leaves each new state leaf the only
+        user of its gates: one XLA:CPU fusion each (not one per gate)."""
         raise NotImplementedError
 
     @nn.nowrap
@@ -219,29 +217,39 @@ class _GatedRNN(types.SequenceLayer):
         # made XLA:CPU emit the matmul with a transposed output layout, 4x
         # slower (11 vs 2.6 ms for [32, 256, 80] x [80, 384]).
         xs = jnp.swapaxes(x.values, 0, 1).astype(dtype)
+        batch, frames = x.shape[:2]
         # Short (step) blocks are unrolled, which skips XLA's while-loop
-        # bookkeeping per frame (LSTM x2, batch 1, 8-frame steps: +15%), and
-        # their input projection is one matmul for the block. Long (layer)
-        # scans stay rolled and project each frame inside the loop: hoisting
-        # the projection out of a rolled scan measured 2x slower for LSTM at
-        # batch 32 (26 vs 13 ms for 256 frames; each part alone sums to 15).
-        unroll = x.shape[1] <= _FULL_UNROLL_FRAMES
-        if unroll:
+        # bookkeeping per frame (LSTM x2, batch 1, 8-frame steps: +15%).
+        unroll = frames <= _FULL_UNROLL_FRAMES
+        # Input projection hoisted out of the cells for one row only: there
+        # each frame's is a matrix-vector dot, a kernel of its own plus a
+        # slicing fusion (hoisted, 256-frame `layer()`: RNN x2 1.3x, GRU and
+        # LSTM x2 1.0-1.1x). More rows make it a small GEMM whose result stays
+        # in cache; a hoisted GEMM runs on both threads of this 2-core machine
+        # and was slower (LSTM x2, batch 32, 8-frame steps: 43.7 ms wall for
+        # 61.8 ms CPU vs 37.6 / 39.5; `layer()`, batch 2/4/32: 1.0/1.0/0.7x).
+        hoist = batch == 1
+        if hoist:
             xs = self._project(params, xs)
-        # The carry is `[b, units]`; the `[b, 1, units]` state layout only
-        # matters at the boundary.
-        carry = jax.tree.map(lambda a: a[:, 0], state)
+        # The carry keeps the state's `[b, 1, units]` layout: reshaping to
+        # `[b, units]` and back let XLA:CPU fuse the new state's select into
+        # that reshape and duplicate it into the output, so the gates were
+        # left in fusions of their own (with `_cell`: LSTM x2 / GRU x2, one
+        # frame, 29 / 19 -> 18 / 14 ops; loop body per frame 15 / 11 -> 7 / 6).
+        carry = tuple(state)
 
         def body(carry: Any, inputs: tuple[Any, jax.Array]) -> tuple[Any, jax.Array]:
             x_t, valid_t = inputs
-            xw_t = x_t if unroll else self._project(params, x_t)
-            y_t, new = self._cell(params, xw_t, carry)
-            # Invalid frames carry the state through unchanged.
-            return _where_valid(valid_t, new, carry), y_t
+            xw_t = x_t if hoist else self._project(params, x_t)
+            xw_t = tuple(a[:, None] for a in xw_t)
+            # Invalid frames keep the state and output zeros (no later pass).
+            carry = self._cell(params, xw_t, carry, valid_t)
+            h = carry[-1]
+            return carry, jnp.where(valid_t[:, None, None], h, jnp.zeros_like(h))
 
         carry, ys = jax.lax.scan(body, carry, (xs, jnp.swapaxes(x.mask, 0, 1)), unroll=unroll)
-        y = Sequence(jnp.swapaxes(ys, 0, 1), x.mask)
-        return y.mask_invalid(), jax.tree.map(lambda a: a[:, None], carry)
+        y = MaskedSequence(jnp.swapaxes(ys[:, :, 0], 0, 1), x.mask)
+        return y, carry
 
     @types.check_layer
     def layer(
@@ -323,15 +331,13 @@ class LSTM(_GatedRNN):
     _num_gates = 4
 
     @nn.nowrap
-    def _cell(
-        self, params: dict[str, jax.Array], xw: tuple[jax.Array, ...], state: Any
-    ) -> tuple[jax.Array, Any]:
+    def _cell(self, params: Params, xw: Arrays, state: Arrays, valid: jax.Array) -> Arrays:
         c_prev, h_prev = state
         zi, zf, zc, zo = jnp.split(xw[0] + self._recurrent(params, h_prev), 4, axis=-1)
         act, gate = self.config.activation, self.config.recurrent_activation
-        c = gate(zf) * c_prev + gate(zi) * act(zc)
-        h = gate(zo) * act(c)
-        return h, (c.astype(c_prev.dtype), h.astype(h_prev.dtype))
+        c = _where_valid(valid, gate(zf) * c_prev + gate(zi) * act(zc), c_prev)
+        # From the selected `c` (same on valid rows), its only user.
+        return c, _where_valid(valid, gate(zo) * act(c), h_prev)
 
     def get_initial_state(
         self,
@@ -421,9 +427,7 @@ class GRU(_SingleStateRNN):
         return ("bias", "recurrent_bias")
 
     @nn.nowrap
-    def _cell(
-        self, params: dict[str, jax.Array], xw: tuple[jax.Array, ...], state: Any
-    ) -> tuple[jax.Array, Any]:
+    def _cell(self, params: Params, xw: Arrays, state: Arrays, valid: jax.Array) -> Arrays:
         (h_prev,) = state
         hu = self._recurrent(params, h_prev)
         if self.config.use_bias:
@@ -434,8 +438,7 @@ class GRU(_SingleStateRNN):
         z = gate(xz + hz)
         r = gate(xr + hr)
         n = self.config.activation(xn + r * hn)
-        h = (z * h_prev + (1 - z) * n).astype(h_prev.dtype)
-        return h, (h,)
+        return (_where_valid(valid, z * h_prev + (1 - z) * n, h_prev),)
 
 
 class RNN(_SingleStateRNN):
@@ -485,12 +488,10 @@ class RNN(_SingleStateRNN):
     _num_gates = 1
 
     @nn.nowrap
-    def _cell(
-        self, params: dict[str, jax.Array], xw: tuple[jax.Array, ...], state: Any
-    ) -> tuple[jax.Array, Any]:
+    def _cell(self, params: Params, xw: Arrays, state: Arrays, valid: jax.Array) -> Arrays:
         (h_prev,) = state
-        h = self.config.activation(xw[0] + self._recurrent(params, h_prev)).astype(h_prev.dtype)
-        return h, (h,)
+        h = self.config.activation(xw[0] + self._recurrent(params, h_prev))
+        return (_where_valid(valid, h, h_prev),)
 
 
 # RG-LRU -------------------------------------------------------------------
@@ -627,12 +628,7 @@ class RGLRU(types.SequenceLayer):
                     f"num_heads must divide the number of complex units, got {self.num_heads=} "
                     f"and {complex_units=} (units={self.units}, only_real={self.only_real})."
                 )
-            for f in (
-                "scan_sharding",
-                "a_sharding",
-                "gate_kernel_sharding",
-                "gate_bias_sharding",
-            ):
+            for f in ("scan_sharding", "a_sharding", "gate_kernel_sharding", "gate_bias_sharding"):
                 object.__setattr__(self, f, _as_sharding(getattr(self, f)))
 
         def make(self) -> RGLRU:
