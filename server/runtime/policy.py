@@ -14,6 +14,7 @@ wait for it to finish, so under load ticks grow by themselves.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from collections.abc import Callable, Iterable
@@ -145,8 +146,10 @@ class TickTimes:
 
     def __init__(self) -> None:
         self._seconds: dict[int, float] = {}
+        self._count: dict[int, int] = {}
 
     def observe(self, bucket: int, seconds: float) -> None:
+        self._count[bucket] = self._count.get(bucket, 0) + 1
         old = self._seconds.get(bucket)
         self._seconds[bucket] = seconds if old is None else old + _TICK_WEIGHT * (seconds - old)
 
@@ -159,6 +162,12 @@ class TickTimes:
 
     def as_dict(self) -> dict[int, float]:
         return dict(self._seconds)
+
+    def served(self, min_ticks: int = 4) -> dict[int, float]:
+        """Buckets that ran at least `min_ticks` (the warm-up's one measures
+        an idle machine: the biggest bucket, seldom run, would otherwise
+        promise its uncontended rate for ever)."""
+        return {b: t for b, t in self._seconds.items() if self._count[b] >= min_ticks}
 
 
 class LateMeter:
@@ -193,9 +202,79 @@ class LateMeter:
         self._start, self._current, self._previous = -math.inf, [0, 0], [0, 0]
 
 
+class StepRate:
+    """Rows stepped per second over the last `window_s`, and the model's
+    measured capacity: the rate it stepped while saturated (most chunks
+    late), which counts everything that shares the machine, where tick
+    times see the device alone. On time, the capacity may grow past what
+    is being stepped (x `GROWTH`), so a lower figure from a busy spell
+    does not hold for ever."""
+
+    GROWTH = 1.2
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self._ticks: collections.deque[tuple[float, int]] = collections.deque()
+        self._rows = 0
+        self.capacity: float | None = None
+
+    def observe(self, now: float, rows: int) -> None:
+        self._ticks.append((now, rows))
+        self._rows += rows
+        while self._ticks and self._ticks[0][0] < now - self.window_s:
+            self._rows -= self._ticks.popleft()[1]
+
+    def rate(self) -> float:
+        return self._rows / self.window_s
+
+    def update(self, overloaded: bool) -> None:
+        if overloaded:
+            self.capacity = self.rate()
+        elif self.capacity is not None:
+            self.capacity = max(self.capacity, self.GROWTH * self.rate())
+
+
 def overloaded(late: int, total: int) -> bool:
     """Too many real-time chunks miss the budget: the model is at capacity."""
     return total >= MIN_CHUNKS and late >= LATE_SHARE * total
+
+
+# Admission by prediction: new streams are admitted while the open streams'
+# predicted chunk rate stays under this share of what the device steps per
+# second (its best bucket, by the measured tick times). Refusing only once
+# chunks were late let every stream that connected during a ramp in, and
+# past capacity all of them waited seconds together.
+PREDICTED_SHARE = 0.85
+# ...and under this share of the rate it stepped while saturated, once known.
+MEASURED_SHARE = 0.9
+
+
+def predicted_overload(
+    periods: Iterable[float],
+    open_streams: int,
+    tick_seconds: dict[int, float],
+    capacity: float | None = None,
+) -> bool:
+    """Whether one more stream would ask for more rows per second than
+    `PREDICTED_SHARE` of the device's best rate. `periods`: chunk periods
+    of the open streams that have one; a stream without one yet counts as
+    the real-time senders' mean. `capacity`: rows per second measured while
+    saturated (`StepRate`), the lower bound when known. False without
+    measurements."""
+    # Real-time senders only: a stream sending faster than twice the
+    # shortest tick is sending ahead (a file as fast as possible), takes
+    # one row a tick like any other and has no deadline to miss; counted
+    # at its sending rate, 16 such streams were refused at the fifth.
+    shortest = min((t for t in tick_seconds.values() if t > 0), default=0.0)
+    rates = [1.0 / p for p in periods if p > 0 and p >= 2 * shortest]
+    limits = [PREDICTED_SHARE * b / t for b, t in tick_seconds.items() if t > 0]
+    device = max(limits, default=math.inf)
+    # The measured capacity already counts every overhead: only a small margin.
+    measured = MEASURED_SHARE * capacity if capacity is not None and capacity > 0 else math.inf
+    limit = min(device, measured)
+    if not rates or math.isinf(limit):
+        return False
+    return sum(rates) / len(rates) * (open_streams + 1) > limit
 
 
 def admission_error(
@@ -208,8 +287,10 @@ def admission_error(
     late: int,
     total: int,
     budget_ms: float,
+    predicted: bool = False,
 ) -> StreamError | None:
-    """Why a new stream is refused now, or None to admit it."""
+    """Why a new stream is refused now, or None to admit it (`predicted`:
+    `predicted_overload` said one more stream is too many)."""
     if draining:
         return Unavailable("the server is draining; reconnect to another replica.")
     if not accepting:
@@ -223,6 +304,11 @@ def admission_error(
         return ResourceExhausted(
             f"model {name!r} is at capacity: {late} of its last {total} chunks missed its "
             f"{budget_ms:g} ms latency budget; retry later or use another replica."
+        )
+    if predicted:
+        return ResourceExhausted(
+            f"model {name!r} is at capacity: its {open_streams} streams send about as many "
+            "chunks a second as its device steps; retry later or use another replica."
         )
     return None
 

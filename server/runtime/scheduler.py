@@ -114,6 +114,7 @@ class Scheduler:
         self.look_ahead_ticks = 0
         self.tick_times = policy.TickTimes()
         self.late = policy.LateMeter()
+        self.steps = policy.StepRate()
         self._next_expiry = 0.0
         self._delay_s = config.max_batch_delay_ms / 1000.0
         self._budget_s = config.latency_budget_ms / 1000.0
@@ -135,6 +136,7 @@ class Scheduler:
         """Admits a stream into a free slot, or raises the `StreamError` that
         says why not (draining, compiling, full, over capacity)."""
         late, total = self.late.counts(now)
+        self.steps.update(policy.overloaded(late, total))
         error = policy.admission_error(
             self.name,
             accepting=self.accepting,
@@ -144,6 +146,13 @@ class Scheduler:
             late=late,
             total=total,
             budget_ms=self.config.latency_budget_ms,
+            predicted=policy.predicted_overload(
+                (s.period for s in self._streams.values() if s.period is not None),
+                len(self._streams),
+                # Until the buckets have run, the warm-up's (idle) figures.
+                self.tick_times.served() or self.tick_times.as_dict(),
+                self.steps.capacity,
+            ),
         )
         if error is not None:
             self._record(StreamStats(self.name, "rejected"))
@@ -315,6 +324,7 @@ class Scheduler:
         """Gives each stream of `tick` its outputs `y [bucket, out_chunk, *c]`;
         returns the deliveries and the valid output frames among them."""
         self.tick_times.observe(tick.bucket, device_seconds)
+        self.steps.observe(now, len(tick.streams))
         # Rows with an invalid frame need a boolean gather; the rest do not.
         gather = (~y_mask.all(axis=1)).tolist()
         out: list[Delivery] = []

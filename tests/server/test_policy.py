@@ -225,3 +225,41 @@ def test_tick_size_fills_a_bucket_rather_than_pad_far_up() -> None:
     assert [size(n) for n in (9, 17, 31)] == [9, 17, 31]
     # Without tick-time estimates yet, everyone goes.
     assert policy.tick_size(135, buckets, 400, lambda b: 0.0) == 135
+
+
+def test_predicted_overload_compares_chunk_rates_with_the_device_rate() -> None:
+    # 64 rows in 40 ms: 1,600 rows a second at best; streams send 6.25 chunks a second.
+    ticks = {16: 0.015, 64: 0.040}
+    periods = [0.16] * 200
+    assert not policy.predicted_overload(periods, 200, ticks)  # 1,256 < 0.85 * 1,600
+    assert policy.predicted_overload(periods, 220, ticks)  # 1,381 > 1,360
+    # Streams sending ahead of real time (period under two short ticks) are
+    # not real-time demand.
+    assert not policy.predicted_overload([0.001] * 16, 16, ticks)
+    # Nothing measured yet (no periods, no ticks): nothing predicted.
+    assert not policy.predicted_overload([], 500, ticks)
+    assert not policy.predicted_overload(periods, 500, {})
+
+
+def test_tick_times_served_leaves_out_buckets_seldom_run() -> None:
+    times = policy.TickTimes()
+    for _ in range(4):
+        times.observe(64, 0.04)
+    times.observe(512, 0.2)  # the warm-up's one run
+    assert times.served() == {64: pytest.approx(0.04)}
+
+
+def test_step_rate_learns_capacity_when_saturated_and_lets_it_grow() -> None:
+    rate = policy.StepRate(window_s=1.0)
+    for i in range(10):
+        rate.observe(i * 0.1, 100)  # 1,000 rows a second
+    rate.update(overloaded=False)
+    assert rate.capacity is None  # never saturated: nothing learned
+    rate.update(overloaded=True)
+    assert rate.capacity == pytest.approx(1000.0)
+    periods = [0.16] * 150  # 6.25 rows a second each
+    assert policy.predicted_overload(periods, 144, {64: 0.01}, rate.capacity)  # 906 > 900
+    assert not policy.predicted_overload(periods, 142, {64: 0.01}, rate.capacity)
+    # On time at that load: the limit moves up past it, so load can grow.
+    rate.update(overloaded=False)
+    assert rate.capacity == pytest.approx(1200.0)
