@@ -165,8 +165,8 @@ async def serve(args: argparse.Namespace) -> int:
         runtime.stop()  # stops compiling after the bucket in progress
     # Drain: refuse new streams, let streams in flight finish, then move them
     # (with resume keys) or end them.
+    # `drain.start` already set the runtime draining (new streams refused).
     log.info("draining for up to %.1f s", drain.grace_s)
-    runtime.drain()
     await grpc_server.set_serving(False, list(models))
     deadline = loop.time() + drain.grace_s
     await _wait_until(lambda: not runtime.active_streams, streams_changed, deadline)

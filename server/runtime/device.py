@@ -297,7 +297,6 @@ class Device:
                     x_spec(bucket),
                     ids_spec(bucket),
                 )
-                lower((bucket, "scatter"), scatter, self.state, ids_spec(bucket), rows_spec(bucket))
             else:
                 lower(
                     (bucket, "partial"),
@@ -308,16 +307,16 @@ class Device:
                     x_spec(bucket),
                     ids_spec(bucket),
                 )
-                # Only for resumed streams' rows (`write_rows`) here.
-                lower((bucket, "scatter"), scatter, self.state, ids_spec(bucket), rows_spec(bucket))
+            # The partial tick's last program on one device; resumed streams'
+            # rows (`write_rows`) go in through it either way.
+            lower((bucket, "scatter"), scatter, self.state, ids_spec(bucket), rows_spec(bucket))
         # With one row per slot the full tick is the step on every row: the
         # bucket of max_streams rows already is that program.
         full_is_rows = split and self.rows == n and n in self.buckets
         if not full_is_rows:
             lower("full", full, self._var_leaves, self.state, x_spec(n), ids_spec(n))
-        start = time.perf_counter()
         slot_spec = jax.ShapeDtypeStruct((), jnp.int32)
-        lowered["reset"] = (reset.lower(self.state, slot_spec), time.perf_counter() - start)
+        lower("reset", reset, self.state, slot_spec)
         # Stream migration: one slot's row to the host (hand-off). Rows from
         # resume tokens go in through the bucket's scatter (`write_rows`).
         # Compiled with the rest so the first resumed stream pays no compile.
@@ -339,10 +338,7 @@ class Device:
         if stopping():
             return False
         if split:
-            self._split = {
-                b: (compiled[b, "gather"], compiled[b, "rows"], compiled[b, "scatter"])
-                for b in self.buckets
-            }
+            self._split = {b: (compiled[b, "gather"], compiled[b, "rows"]) for b in self.buckets}
         else:
             self._compiled = {b: compiled[b, "partial"] for b in self.buckets}
         self._scatter = {b: compiled[b, "scatter"] for b in self.buckets}
@@ -463,9 +459,10 @@ class Device:
             compiled = self._compiled[slot_ids.shape[0]]
             self.state, y, y_mask = compiled(self._var_leaves, self.state, slot_ids, x, lengths)
         else:
-            gather, step, scatter = self._split[slot_ids.shape[0]]
+            bucket = slot_ids.shape[0]
+            gather, step = self._split[bucket]
             rows, y, y_mask = step(self._var_leaves, gather(self.state, slot_ids), x, lengths)
-            self.state = scatter(self.state, slot_ids, rows)
+            self.state = self._scatter[bucket](self.state, slot_ids, rows)
         return y, y_mask
 
     def fetch(self, outputs: Any) -> tuple[np.ndarray, np.ndarray]:

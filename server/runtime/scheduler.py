@@ -289,8 +289,8 @@ class Scheduler:
         # keep up holds a chunk.
         realtime = [w for s, w in zip(batch, waits, strict=True) if s.ready_by_input]
         if realtime:
-            allowed = self._budget_s
-            self.late.observe(now, sum(w > allowed for w in realtime), len(realtime))
+            late = sum(w > self._budget_s for w in realtime)
+            self.late.observe(now, late, len(realtime))
         # Slot order lets a full-occupancy tick step rows in place.
         batch.sort(key=_slot_of)
         n = len(batch)

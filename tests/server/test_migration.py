@@ -311,6 +311,7 @@ class TickLog:
         self.ticks: list[tuple[set[int], list[int], int]] = []  # stepped, restored, write calls
         self._restored: list[int] = []
         self._write_calls = 0
+        self._writing = False
         self.write_threads: set[str] = set()
         self._park = False
         self.parked = threading.Event()
@@ -324,7 +325,9 @@ class TickLog:
 
         def counted(program: Any) -> Any:
             def call(*args: Any) -> Any:
-                self._write_calls += 1
+                # The scatter is also a partial tick's last program: only
+                # the calls `write_rows` makes are writes of resumed rows.
+                self._write_calls += self._writing
                 return program(*args)
 
             return call
@@ -334,7 +337,11 @@ class TickLog:
     def write_rows(self, rows: list[tuple[int, tuple[np.ndarray, ...]]]) -> None:
         self.write_threads.add(threading.current_thread().name)
         self._restored += [slot for slot, _ in rows]
-        self._device.write_rows(rows)
+        self._writing = True
+        try:
+            self._device.write_rows(rows)
+        finally:
+            self._writing = False
 
     def dispatch(self, slot_ids: np.ndarray, x: np.ndarray, lengths: np.ndarray) -> Any:
         if self._park:

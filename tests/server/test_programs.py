@@ -265,6 +265,47 @@ def test_warm_export_reads_the_step_back_without_tracing(
     assert len(list(traced_cache.glob("export-*.bin"))) == 2 and entry.exists()
 
 
+def test_the_server_exports_its_whole_chunk_as_one_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step the server compiles takes a whole chunk in one call (called
+    once per block, a 4-block demo-asr tick took 1.85x the bare step), and
+    equals stepping the chunk block by block."""
+    model = _custom_model(tmp_path)
+    b = model.block_size
+    per_block = export_in_memory(model.layer, model.variables, model.input_spec)
+    per_chunk = export_in_memory(model.layer, model.variables, model.input_spec, frames=3 * b)
+    assert (per_block.frames, per_chunk.frames) == (b, 3 * b)
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        export_in_memory(model.layer, model.variables, model.input_spec, frames=b + 1)
+
+    calls = {"per_block": 0, "per_chunk": 0}
+    for name, program in (("per_block", per_block), ("per_chunk", per_chunk)):
+        artifact = program.step_artifact
+
+        class Counted:
+            def __init__(self, name: str, artifact: object) -> None:
+                self.name, self.artifact = name, artifact
+
+            def call(self, *args: object) -> object:
+                calls[self.name] += 1
+                return self.artifact.call(*args)  # type: ignore[attr-defined]
+
+        monkeypatch.setattr(program, "step_artifact", Counted(name, artifact))
+    x = np.random.default_rng(3).normal(size=(2, 3 * b, 2)).astype(np.float32)
+    mask = np.ones((2, 3 * b), bool)
+    mask[1, b + 1 :] = False  # a chunk tail: valid frames a prefix
+    x *= mask[..., None]
+    outs = []
+    for program in (per_block, per_chunk):
+        state = program.initial_state(model.variables, 2)
+        state, y, y_mask = program.step(model.variables, state, x, mask)
+        outs.append([np.asarray(a) for a in (*state, y, y_mask)])
+    assert calls == {"per_block": 3, "per_chunk": 1}
+    for a, c in zip(*outs, strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-6)
+
+
 def test_changed_code_is_a_new_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _custom_model(tmp_path)
     key = compile_cache.trace_key(model.config, "x")
