@@ -451,7 +451,14 @@ class Device:
         """Starts one device call and returns its (not yet ready) outputs.
         `slot_ids` are sorted and padded to a bucket with an out-of-range
         slot. The new state is chained on the device, so a later tick may be
-        dispatched before this one's outputs are fetched."""
+        dispatched before this one's outputs are fetched.
+
+        The caller may overwrite `slot_ids` as soon as this returns, `x` and
+        `lengths` once `fetch` has returned: XLA:CPU reads aligned host
+        arrays in place, and the scatter, which reads the ids, may run after
+        the outputs are ready. It gets a copy of its own, which nothing
+        writes (reading the caller's restaged ids, a late scatter once
+        wrote stepped rows into the next tick's slots)."""
         n = self.config.max_streams
         if len(slot_ids) == n and slot_ids[0] == 0 and slot_ids[-1] == n - 1:
             self.state, y, y_mask = self._full(self._var_leaves, self.state, x, lengths)
@@ -460,6 +467,7 @@ class Device:
             self.state, y, y_mask = compiled(self._var_leaves, self.state, slot_ids, x, lengths)
         else:
             bucket = slot_ids.shape[0]
+            slot_ids = slot_ids.copy()
             gather, step = self._split[bucket]
             rows, y, y_mask = step(self._var_leaves, gather(self.state, slot_ids), x, lengths)
             self.state = self._scatter[bucket](self.state, slot_ids, rows)

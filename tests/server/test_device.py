@@ -1,0 +1,44 @@
+"""`Device` on its own: the buffers a tick shares with the host."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import sequence_layers as sl
+from server.model import ServableModel, init_variables
+from server.runtime import SchedulerConfig
+from server.runtime.device import Device, aligned_zeros
+
+
+def test_slot_ids_may_be_reused_as_soon_as_a_tick_is_dispatched() -> None:
+    # XLA:CPU reads an aligned host array in place, and a partial tick's
+    # scatter may run after the tick's outputs are fetched. The engine
+    # restages a tick's slot ids once its outputs are delivered; when the
+    # scatter read those ids in place, a late scatter wrote stepped rows
+    # into the next tick's slots (1 full test run in 3 mixed two streams).
+    # Here the ids are overwritten right after dispatch, before anything
+    # could have run: the state must be that of the ids given.
+    # The step is made slow enough (~1 ms) that XLA runs it, and the
+    # scatter after it, on its own threads rather than inline.
+    config = sl.Serial.Config(
+        (
+            sl.Dense.Config(256),
+            sl.Dense.Config(256),
+            sl.Conv1D.Config(filters=2, kernel_size=3, padding="causal"),
+        )
+    )
+    model = ServableModel("conv", config, init_variables(config, (256,), seed=0), (256,))
+    device = Device(model, SchedulerConfig(max_streams=8, buckets=(4, 8)), chunk_frames=32)
+    device.build()
+    assert device.compile()
+    x = np.ones((4, 32, 256), np.float32)
+    lengths = np.full((4,), 32, np.int32)
+    for _ in range(20):
+        device.reset_state()
+        ids = aligned_zeros((4,), np.int32)
+        ids[:] = [0, 1, 2, 3]
+        outputs = device.dispatch(ids, x, lengths)
+        ids[:] = [4, 5, 6, 7]
+        device.fetch(outputs)
+        stepped = [any(np.abs(leaf).sum() > 0 for leaf in device.read_row(s)) for s in range(8)]
+        assert stepped == [True] * 4 + [False] * 4
