@@ -220,11 +220,18 @@ class Scheduler:
     # Ticks -----------------------------------------------------------------------
 
     def schedule(
-        self, now: float, device_busy: bool, staging: Callable[[int], Staging]
+        self,
+        now: float,
+        device_busy: bool,
+        staging: Callable[[int], Staging],
+        in_flight: bool | None = None,
     ) -> SchedulerOutput:
         """Ends timed-out streams, then decides on the next tick: its streams
         with one chunk each staged into `staging(bucket)`, or how long to wait
-        (a stream becoming ready should wake the caller sooner)."""
+        (a stream becoming ready should wake the caller sooner).
+        `device_busy`: plan as if the device had work for a while yet;
+        `in_flight`: a tick is on the device (default: `device_busy`); a
+        tick staged then is a look-ahead tick."""
         deliveries: list[Delivery] = []
         wait_s = self._expire(now, deliveries)
         ready: list[Stream] = []
@@ -269,7 +276,7 @@ class Scheduler:
         if not plan.go:
             return SchedulerOutput(None, min(wait_s, plan.wait_s), deliveries, moves)
         tick = self._stage(ready, bucket, now, staging)
-        self.look_ahead_ticks += device_busy
+        self.look_ahead_ticks += device_busy if in_flight is None else in_flight
         return SchedulerOutput(tick, 0.0, deliveries, moves)
 
     def _bucket(self, n: int) -> int:
@@ -324,7 +331,7 @@ class Scheduler:
         """Gives each stream of `tick` its outputs `y [bucket, out_chunk, *c]`;
         returns the deliveries and the valid output frames among them."""
         self.tick_times.observe(tick.bucket, device_seconds)
-        self.steps.observe(now, len(tick.streams))
+        self.steps.observe(now, len(tick.streams), device_seconds)
         # Rows with an invalid frame need a boolean gather; the rest do not.
         gather = (~y_mask.all(axis=1)).tolist()
         out: list[Delivery] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from fractions import Fraction
 from typing import Any
 
@@ -52,7 +53,10 @@ class FakeModel:
 class FakeDevice:
     """A `DeviceRunner` stepping the delay line in numpy. Records each
     dispatch's slots and every reset; `hold` (an Event) holds dispatches
-    until set, to keep ticks in flight."""
+    until set, to keep ticks in flight. With `seconds` > 0 a tick takes that
+    long, one after another as on a device: `fetch` waits for it, `done`
+    says whether it has finished, and `overlapped` counts the ticks
+    dispatched while the one before them was still running."""
 
     def __init__(self, rows: int, chunk: int, latency: int) -> None:
         self.rows, self.chunk, self.latency = rows, chunk, latency
@@ -64,6 +68,9 @@ class FakeDevice:
         self.restored: list[int] = []
         self.hold: threading.Event | None = None
         self.fail_next = False
+        self.seconds = 0.0
+        self.overlapped = 0
+        self._free_at = 0.0
 
     def build(self) -> None:
         pass
@@ -72,7 +79,7 @@ class FakeDevice:
         return True
 
     def warm_up(self) -> dict[int, float]:
-        return {}
+        return {1: self.seconds} if self.seconds else {}
 
     def staging(self, bucket: int) -> Staging:
         return Staging(
@@ -124,10 +131,18 @@ class FakeDevice:
             seq_mask = np.concatenate([self.valid[slot], mask])
             y[i, :, 0], y_mask[i] = seq[:chunk], seq_mask[:chunk]
             self.frames[slot], self.valid[slot] = seq[chunk:], seq_mask[chunk:]
-        return y, y_mask
+        now = time.monotonic()
+        self.overlapped += now < self._free_at
+        self._free_at = max(now, self._free_at) + self.seconds
+        return y, y_mask, self._free_at
 
     def fetch(self, outputs: Any) -> tuple[np.ndarray, np.ndarray]:
-        return outputs
+        y, y_mask, ready_at = outputs
+        time.sleep(max(0.0, ready_at - time.monotonic()))
+        return y, y_mask
+
+    def done(self, outputs: Any) -> bool:
+        return bool(time.monotonic() >= outputs[2])
 
     def state_lost(self) -> bool:
         return False

@@ -147,6 +147,28 @@ def test_tick_times_fall_back_to_a_smaller_bucket() -> None:
     assert times.estimate(2) == 0.0
 
 
+def test_tick_times_scale_every_bucket_by_the_load() -> None:
+    # Warm-up (idle machine): 64 rows in 18 ms, 128 in 40, 256 in 80 (64
+    # is the best rate).
+    times = policy.TickTimes()
+    times.seed(64, 0.018)
+    times.seed(128, 0.040)
+    times.seed(256, 0.080)
+    times.seed(512, 0.200)
+    # Under load 64-row ticks take 30 ms: 256 is expected 1.67x slower too,
+    # so 64 stays the better bucket.
+    for _ in range(30):
+        times.observe(64, 0.030)
+    assert times.estimate(64) == pytest.approx(0.030, rel=1e-3)
+    assert times.estimate(256) == pytest.approx(0.080 * 0.030 / 0.018, rel=1e-3)
+    buckets = [8, 16, 32, 64, 128, 256, 512]
+    assert policy.tick_size(300, buckets, 512, times.estimate) == 64
+    # A bucket slower under load than its warm-up says learns that of its own.
+    for _ in range(30):
+        times.observe(256, 0.200)
+    assert times.estimate(256) / times.estimate(64) > 0.080 / 0.018
+
+
 def test_late_meter_counts_two_windows() -> None:
     meter = policy.LateMeter(window_s=1.0)
     meter.observe(0.0, 1, 4)
@@ -227,6 +249,21 @@ def test_tick_size_fills_a_bucket_rather_than_pad_far_up() -> None:
     assert policy.tick_size(135, buckets, 400, lambda b: 0.0) == 135
 
 
+def test_tick_size_takes_the_bucket_with_the_best_rate() -> None:
+    # Rows per ms as measured for demo-asr on a 2-core EPYC: 64 is the most
+    # efficient; bigger ticks are slower per row (cache-bound).
+    buckets = [8, 16, 32, 64, 128, 256, 800]
+    ms = {8: 2.8, 16: 6.0, 32: 11.0, 64: 19.5, 128: 57.0, 256: 120.0, 800: 400.0}
+    size = lambda n: policy.tick_size(n, buckets, 800, lambda b: ms[b] / 1000)
+    # 394 ready: padded to 800 or 256 filled would step ~2 rows/ms; 64 steps 3.3.
+    assert size(394) == 64
+    assert size(250) == 64
+    # Every slot, or a bucket exactly full, goes whole.
+    assert size(800) == 800 and size(256) == 256
+    # Within the gain of taking everyone, everyone goes: 60 padded to 64.
+    assert size(60) == 60
+
+
 def test_predicted_overload_compares_chunk_rates_with_the_device_rate() -> None:
     # 64 rows in 40 ms: 1,600 rows a second at best; streams send 6.25 chunks a second.
     ticks = {16: 0.015, 64: 0.040}
@@ -252,7 +289,7 @@ def test_tick_times_served_leaves_out_buckets_seldom_run() -> None:
 def test_step_rate_learns_capacity_when_saturated_and_lets_it_grow() -> None:
     rate = policy.StepRate(window_s=1.0)
     for i in range(10):
-        rate.observe(i * 0.1, 100)  # 1,000 rows a second
+        rate.observe(i * 0.1, 100, 0.09)  # 1,000 rows a second, the device 90% busy
     rate.update(overloaded=False)
     assert rate.capacity is None  # never saturated: nothing learned
     rate.update(overloaded=True)
@@ -263,3 +300,17 @@ def test_step_rate_learns_capacity_when_saturated_and_lets_it_grow() -> None:
     # On time at that load: the limit moves up past it, so load can grow.
     rate.update(overloaded=False)
     assert rate.capacity == pytest.approx(1200.0)
+
+
+def test_step_rate_learns_no_capacity_while_the_device_idles() -> None:
+    # Chunks late with the device half idle (a connection storm, the start
+    # of a ramp): the rate stepped says nothing about what the device can do.
+    rate = policy.StepRate(window_s=1.0)
+    for i in range(10):
+        rate.observe(i * 0.1, 40, 0.05)
+    rate.update(overloaded=True)
+    assert rate.capacity is None
+    for i in range(10, 20):
+        rate.observe(i * 0.1, 100, 0.1)  # now saturated
+    rate.update(overloaded=True)
+    assert rate.capacity == pytest.approx(1000.0)

@@ -63,7 +63,7 @@ class Harness:
         self.device.reset_slots(tick.new_slots)
         self.device.write_rows(tick.restores)
         staged = tick.staged
-        y, y_mask = self.device.dispatch(staged.slots, staged.x, staged.taken)
+        y, y_mask = self.device.fetch(self.device.dispatch(staged.slots, staged.x, staged.taken))
         deliveries, frames = self.scheduler.update_from_output(tick, y, y_mask, self.now, 0.001)
         self.collect(deliveries)
         return frames
@@ -336,6 +336,50 @@ def test_engine_streams_get_exactly_their_input(engine: Engine) -> None:
             assert ended.frames_in == ended.frames_out == len(x)
         inputs = inputs[8:] + inputs[:8]
     assert engine.active_streams == 0
+
+
+def test_engine_plans_the_next_tick_before_the_device_is_free() -> None:
+    # Ticks take 40 ms. Stream A's chunks come every 10 ms; B is open but
+    # sends nothing, so A's ticks are never a backlog (B may still join).
+    # The next tick must still be dispatched while the one before runs
+    # (within `_LEAD_S` of its end), not after its outputs are delivered:
+    # waiting left the device idle for the host's staging and launch.
+    device = FakeDevice(4, 4, 3)
+    device.seconds = 0.04
+    config = SchedulerConfig(max_streams=4, chunk_blocks=2, max_batch_delay_ms=1, buckets=(4,))
+    eng = Engine(FakeModel(latency=3), config, device=device)  # type: ignore[arg-type]
+    eng.start()
+    x = np.arange(4 * 30, dtype=np.float32)[:, None]
+
+    async def main() -> tuple[np.ndarray, Any]:
+        loop = asyncio.get_running_loop()
+        idle = eng.open_stream(loop)
+        a = eng.open_stream(loop)
+        frames: list[np.ndarray] = []
+
+        async def read() -> Any:
+            async for item in a.outputs():
+                if isinstance(item, Output):
+                    frames.append(item.frames)
+                else:
+                    return item
+
+        reader = asyncio.create_task(read())
+        for i in range(0, len(x), 4):
+            a.send(x[i : i + 4])
+            await asyncio.sleep(0.01)
+        a.end()
+        ended = await reader
+        idle.cancel()
+        return np.concatenate(frames), ended
+
+    try:
+        y, ended = asyncio.run(main())
+    finally:
+        eng.stop()
+    testing.assert_allclose(y, x)
+    assert ended.frames_out == len(x)
+    assert device.overlapped >= 5, device.overlapped
 
 
 def test_engine_cancel_frees_the_slot_at_once(engine: Engine) -> None:
