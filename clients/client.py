@@ -431,7 +431,14 @@ class AsyncWebSocketClient:
                 f"&{k}={quote(str(v))}" for k, v in speech_segments.items()
             )
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
-        kwargs: dict[str, Any] = {"additional_headers": headers, "max_size": 16 * 1024 * 1024}
+        # No permessage-deflate offer: sl-serve declines it (audio and float
+        # frames barely compress), and setting up the offer cost each
+        # connection client CPU for nothing.
+        kwargs: dict[str, Any] = {
+            "additional_headers": headers,
+            "max_size": 16 * 1024 * 1024,
+            "compression": None,
+        }
         if self.ssl is not None:
             kwargs["ssl"] = self.ssl
 
