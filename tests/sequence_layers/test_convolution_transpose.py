@@ -128,3 +128,13 @@ def test_serialization_round_trip(config: types.SequenceLayerConfig) -> None:
     np.testing.assert_array_equal(
         np.asarray(m1.apply(params, x).values), np.asarray(m2.apply(params, x).values)
     )
+
+
+@pytest.mark.parametrize("padding", ["causal", "same", "valid", "semicausal_full"])
+def test_conv1d_transpose_empty_input(padding: str) -> None:
+    # Zero frames in, zero out. XLA pads an empty dilated input out to
+    # frames: causal and same gave values of one frame against an empty
+    # mask, valid two frames marked valid.
+    layer = testing.init_and_bind(Conv1DTranspose.Config(4, 3, strides=2, padding=padding), _x(3))
+    y = layer.layer(_x(3, t=0), training=False)
+    assert y.values.shape == (2, 0, 4) and y.mask.shape == (2, 0)
