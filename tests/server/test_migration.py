@@ -212,6 +212,46 @@ def test_a_server_without_keys_refuses_tokens(replicas: tuple[Runtime, Runtime])
     assert keyless.move_streams() == 0
 
 
+def test_resume_stream_checks_the_token_off_the_event_loop(
+    replicas: tuple[Runtime, Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the doors call: the token is verified and decoded on a worker
+    thread while the loop goes on (a verify on the loop would wait for the
+    loop here, and time out); the stream then resumes exactly as with
+    `open_stream`, and a refused token still restores nothing."""
+    _, second = replicas
+    token = _token(replicas)
+    engine = second.engines["asr"]
+    checked_on: list[str] = []
+    loop_ran = threading.Event()
+    verify = engine.verify
+
+    def verify_after_the_loop_ran(token: bytes) -> resume.StreamSnapshot:
+        checked_on.append(threading.current_thread().name)
+        assert loop_ran.wait(10), "the event loop was blocked while the token was checked"
+        return verify(token)
+
+    monkeypatch.setattr(engine, "verify", verify_after_the_loop_ran)
+
+    async def run() -> None:
+        resuming = asyncio.create_task(second.resume_stream("asr", token))
+        await asyncio.sleep(0.01)
+        assert not resuming.done()
+        loop_ran.set()  # the loop runs while the token is being checked
+        handle = await asyncio.wait_for(resuming, 10)
+        handle.send(np.ones((3, 2), np.float32))
+        handle.end()
+        assert isinstance(await _collect(handle, {}), Ended)
+        handle.cancel()
+        with pytest.raises(ResumeTokenError) as refused:
+            await second.resume_stream("asr", b"nonsense")
+        assert refused.value.code == "INVALID_ARGUMENT"
+
+    asyncio.run(run())
+    assert [name.startswith("resume-verify") for name in checked_on] == [True, True]
+    assert second.active_streams == 0
+
+
 def test_a_token_too_large_ends_the_stream_as_without_keys(
     replicas: tuple[Runtime, Runtime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
