@@ -16,7 +16,9 @@ One responsibility a module:
 
 Stream migration (DESIGN.md section 8): with `resume_keys`, a stream opens
 from a `resume_token` (its state row written into a free slot instead of a
-reset), and `move_streams` hands every open stream off: once its ticks in
+reset; `resume_stream` checks the token off the event loop, and a burst of
+rows is written over ticks, `restore_bytes_per_tick` at a time), and
+`move_streams` hands every open stream off: once its ticks in
 flight are delivered, its row comes to the host and it ends with `Moved`
 (a signed token) instead of `Ended`.
 
