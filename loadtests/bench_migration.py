@@ -33,10 +33,12 @@ import dataclasses
 import itertools
 import json
 import math
+import multiprocessing
 import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,8 @@ from tests.server.serving import ServerProcess
 _WARM_UP_S = 1.0
 # The migration window ends this long after the last stream resumed.
 _AFTER_RESUME_S = 1.0
+# Width of a bin of the migration's timeline.
+_BIN_S = 0.2
 
 
 @dataclasses.dataclass
@@ -105,6 +109,56 @@ async def _stream(
     return times
 
 
+async def _residents(
+    target: str,
+    info: ModelInfo,
+    inputs: list[np.ndarray],
+    chunk: int,
+    period: float,
+    server_chunk: int,
+) -> list[StreamTimes]:
+    client = AsyncGrpcClient(target)
+    try:
+        return list(
+            await asyncio.gather(
+                *(_stream(client, info, x, chunk, period, server_chunk) for x in inputs)
+            )
+        )
+    finally:
+        await client.close()
+
+
+def _residents_main(conn: Connection, target: str, *args: Any) -> None:
+    """The residents' client in its own process: sends its start time, then
+    each stream's (outputs, latencies)."""
+    conn.send(time.monotonic())  # CLOCK_MONOTONIC: one clock for both processes
+    times = asyncio.run(_residents(target, *args))
+    conn.send([(t.outputs, t.latencies) for t in times])
+
+
+class _ResidentsApart:
+    """`_residents` in a spawned process (jax and grpc are loaded here: no fork)."""
+
+    def __init__(self, target: str, *args: Any) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_residents_main, args=(child, target, *args), daemon=True)
+        self._proc.start()
+        child.close()
+
+    def started(self) -> float:
+        if not self._conn.poll(120):
+            raise RuntimeError("the residents' client process did not start")
+        return float(self._conn.recv())
+
+    def results(self) -> list[StreamTimes]:
+        if not self._conn.poll(120):
+            raise RuntimeError("the residents' client process did not finish")
+        times = [StreamTimes(outputs=o, latencies=lat) for o, lat in self._conn.recv()]
+        self._proc.join(10)
+        return times
+
+
 def _percentiles(values: list[float]) -> dict[str, float | int | None]:
     a = np.asarray(values) * 1000
     if not a.size:
@@ -125,6 +179,30 @@ def _resident_figures(
         gaps = [b - a for r in residents for a, b in itertools.pairwise(r.outputs) if keep(b)]
         figures[name] = {"latency_ms": _percentiles(latencies), "gap_ms": _percentiles(gaps)}
     return figures
+
+
+def _timeline(
+    residents: list[StreamTimes], moved: list[StreamTimes], sigterm: float, end: float
+) -> list[dict[str, Any]]:
+    """Per `_BIN_S` from the SIGTERM: the residents' worst chunk latency and
+    how many moved streams resumed then, to tell which part of a migration
+    (hand-off, resumes, catching up) delays the residents."""
+    bins = []
+    start = sigterm
+    while start < end:
+        stop = start + _BIN_S
+        lat = [x for r in residents for t, x in r.latencies if start <= t < stop]
+        bins.append(
+            {
+                "t_s": round(start - sigterm, 2),
+                "resident_max_ms": round(1000 * max(lat), 1) if lat else None,
+                "resumed": sum(
+                    r.moved_at is not None and start <= r.moved_at < stop for r in moved
+                ),
+            }
+        )
+        start = stop
+    return bins
 
 
 def main() -> None:
@@ -156,6 +234,20 @@ def main() -> None:
         default=SchedulerConfig().latency_budget_ms,
         help="both servers' --latency-budget-ms",
     )
+    p.add_argument(
+        "--residents-apart",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the residents' client in a process of its own: in the moving streams' "
+        "process, its event loop also carries 64 tokens of ~0.5 MB in and out at the move, "
+        "which delayed the residents' own sends and reads",
+    )
+    p.add_argument(
+        "--restore-bytes-per-tick",
+        type=int,
+        default=None,
+        help="the target's --restore-bytes-per-tick (default: the server's)",
+    )
     a = p.parse_args()
     model = BUILTIN_MODELS[a.model]()
     info = model.info(a.streams + a.resident)
@@ -183,7 +275,12 @@ def main() -> None:
         ]
         source = ServerProcess([*common, "--max-streams", str(a.streams)])
         # Room for every moved stream next to the residents.
-        target = ServerProcess([*common, "--max-streams", str(a.streams + a.resident)])
+        restore = (
+            []
+            if a.restore_bytes_per_tick is None
+            else ["--restore-bytes-per-tick", str(a.restore_bytes_per_tick)]
+        )
+        target = ServerProcess([*common, *restore, "--max-streams", str(a.streams + a.resident)])
         try:
             rng = np.random.default_rng(0)
 
@@ -196,12 +293,13 @@ def main() -> None:
 
             async def run() -> tuple[list[StreamTimes], list[StreamTimes], float, float]:
                 movers = AsyncGrpcClient([source.grpc_target, target.grpc_target])
-                stayers = AsyncGrpcClient(target.grpc_target)
-                started = time.monotonic()
-                residents = [
-                    asyncio.create_task(_stream(stayers, info, x, chunk, period, server_chunk))
-                    for x in resident_inputs
-                ]
+                resident_args = (info, resident_inputs, chunk, period, server_chunk)
+                if a.residents_apart:
+                    apart = _ResidentsApart(target.grpc_target, *resident_args)
+                    started = await asyncio.to_thread(apart.started)
+                else:
+                    started = time.monotonic()
+                    residents = asyncio.create_task(_residents(target.grpc_target, *resident_args))
                 moving = [
                     asyncio.create_task(_stream(movers, info, x, chunk, period, server_chunk))
                     for x in moving_inputs
@@ -210,9 +308,11 @@ def main() -> None:
                 sigterm = time.monotonic()
                 source.proc.send_signal(signal.SIGTERM)
                 moved = await asyncio.gather(*moving)
-                stayed = await asyncio.gather(*residents)
+                if a.residents_apart:
+                    stayed = await asyncio.to_thread(apart.results)
+                else:
+                    stayed = await residents
                 await movers.close()
-                await stayers.close()
                 return moved, stayed, started, sigterm
 
             moved_all, residents, started, sigterm = asyncio.run(run())
@@ -231,6 +331,7 @@ def main() -> None:
     window_end = (last_resumed if last_resumed is not None else sigterm) + _AFTER_RESUME_S
     resident = _resident_figures(residents, started, sigterm, window_end)
     report = {
+        "timeline": _timeline(residents, moved, sigterm, window_end),
         "model": a.model,
         "chunk_ms": round(1000 * period, 1),
         "chunk_blocks": a.chunk_blocks,

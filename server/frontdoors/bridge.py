@@ -4,8 +4,9 @@ between a client connection and a runtime stream.
 A door (gRPC, WebSocket) only decodes its messages and encodes outputs; the
 bridge does the rest, the same way for both:
 
-- `open`: admit the stream (`runtime.open_stream`) and ask for speech
-  segments, cancelling the stream if the request is refused;
+- `open`: admit the stream (`runtime.open_stream`, or `resume_stream` with
+  a resume token, verified off the loop) and ask for speech segments,
+  cancelling the stream if the request is refused;
 - `pump`: feed the client's decoded messages into the stream from a reader
   task (chunks -> `send`, `END` -> `end`, a client that leaves -> `cancel`,
   a bad message -> `fail` with its `StreamError`), yield the stream's outputs
@@ -17,7 +18,7 @@ Example (what a door's handler boils down to):
 
     bridge = StreamBridge(runtime, "websocket")
     try:
-        handle = bridge.open(model, stream_id=None, segments=None)
+        handle = await bridge.open(model, stream_id=None, segments=None)
         await send_started(handle.info, handle.stream_id)
         async with contextlib.aclosing(bridge.pump(handle, decoded_messages())) as items:
             async for item in items:
@@ -80,8 +81,10 @@ class StreamRuntime(Protocol):
     @property
     def ready(self) -> bool: ...
 
-    def open_stream(
-        self, model: str, stream_id: str | None = None, *, resume_token: bytes | None = None
+    def open_stream(self, model: str, stream_id: str | None = None) -> StreamHandle: ...
+
+    async def resume_stream(
+        self, model: str, resume_token: bytes, stream_id: str | None = None
     ) -> StreamHandle: ...
 
     def model_state(self, name: str) -> str: ...
@@ -120,7 +123,7 @@ class StreamBridge:
         self.runtime = runtime
         self.transport = transport
 
-    def open(
+    async def open(
         self,
         model: str,
         stream_id: str | None,
@@ -131,11 +134,13 @@ class StreamBridge:
         RESOURCE_EXHAUSTED, UNAVAILABLE, INVALID_ARGUMENT for segments on a
         model without a speech output). With `resume_token`, continues a
         moved stream, or raises the token's refusal (INVALID_ARGUMENT,
-        PERMISSION_DENIED, FAILED_PRECONDITION, DEADLINE_EXCEEDED)."""
+        PERMISSION_DENIED, FAILED_PRECONDITION, DEADLINE_EXCEEDED); the
+        token is checked off this loop (`resume_stream`), which goes on
+        serving the other streams meanwhile."""
         if resume_token is None:
             handle = self.runtime.open_stream(model, stream_id)
         else:
-            handle = self.runtime.open_stream(model, stream_id, resume_token=resume_token)
+            handle = await self.runtime.resume_stream(model, resume_token, stream_id)
         if segments is not None:
             try:
                 handle.request_segments(segments)

@@ -96,7 +96,7 @@ class StreamingService(pb_grpc.StreamingInferenceServicer):
                 )
             config = first.config
             model = config.model
-            handle = self.bridge.open(
+            handle = await self.bridge.open(
                 model,
                 config.stream_id if config.HasField("stream_id") else None,
                 segment_options_from_proto(config.speech_segments)

@@ -95,7 +95,7 @@ class WebSocketStream:
         if dtype not in STREAM_DTYPES:
             raise InvalidArgument(f"dtype={dtype!r} is not supported; use float32 or int16.")
         token = await _resume_token(params, receive)
-        handle = self.bridge.open(
+        handle = await self.bridge.open(
             model, params.get("stream_id"), segment_options_from_query(params), token
         )
         info = handle.info

@@ -16,7 +16,9 @@ One responsibility a module:
 
 Stream migration (DESIGN.md section 8): with `resume_keys`, a stream opens
 from a `resume_token` (its state row written into a free slot instead of a
-reset), and `move_streams` hands every open stream off: once its ticks in
+reset; `resume_stream` checks the token off the event loop, and a burst of
+rows is written over ticks, `restore_bytes_per_tick` at a time), and
+`move_streams` hands every open stream off: once its ticks in
 flight are delivered, its row comes to the host and it ends with `Moved`
 (a signed token) instead of `Ended`.
 
@@ -77,6 +79,15 @@ class Runtime:
             self.engines[name].resume_keys = resume_keys
         self.resume_keys = resume_keys
         self.draining = False
+        # Resume tokens are verified and decoded here, not on the doors'
+        # event loops: a demo-asr token is ~0.5 MB to HMAC and copy, and a
+        # drained replica's streams all arrive at once (64 tokens, 32 MB),
+        # while the loops also carry the running streams' chunks. Both
+        # steps release the GIL. One thread: a burst takes one core at
+        # most, leaving the other to the tick thread.
+        self._verify_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="resume-verify"
+        )
 
     def start(self, on_ready: Callable[[str], None] | None = None) -> None:
         """Compiles every model's ticks; each model serves as soon as its own
@@ -119,6 +130,7 @@ class Runtime:
     def stop(self) -> None:
         for engine in self.engines.values():
             engine.stop()
+        self._verify_pool.shutdown(wait=False, cancel_futures=True)
 
     def drain(self) -> None:
         """Refuse new streams; streams in flight go on."""
@@ -172,6 +184,18 @@ class Runtime:
         compiling). With `resume_token` (from a `Moved`), continues that
         stream, or raises the token's `ResumeTokenError` (nothing restored)."""
         return self._engine(model).open_stream(loop, stream_id, resume_token)
+
+    async def resume_stream(
+        self, model: str, resume_token: bytes, stream_id: str | None = None
+    ) -> StreamHandle:
+        """`open_stream` with `resume_token`, for the doors: the token is
+        verified and decoded on a worker thread, so the event loop goes on
+        serving other streams meanwhile; the stream is admitted back on the
+        loop. Raises as `open_stream` does."""
+        engine = self._engine(model)
+        loop = asyncio.get_running_loop()
+        snapshot = await loop.run_in_executor(self._verify_pool, engine.verify, resume_token)
+        return engine.open_stream(loop, stream_id, snapshot=snapshot)
 
     def _engine(self, name: str) -> Engine:
         try:

@@ -55,6 +55,18 @@ class SchedulerConfig:
     slow_consumer_timeout_s: float = knob(
         30.0, "a stream stuck on backpressure this long ends with RESOURCE_EXHAUSTED"
     )
+    # 4 MiB: 8 demo-asr rows (495 KB each). On a 2-core CPU 64 rows (32 MB)
+    # written in one tick took ~30 ms and delayed that tick's other streams
+    # by 1.7 ticks; 8 rows add ~4 ms a tick, and a burst of 64 is in within
+    # 8 ticks. Small rows (logmel: 1.6 KB) are not held back at all.
+    restore_bytes_per_tick: int = knob(
+        4 * 1024 * 1024,
+        "stream migration: most bytes of resumed streams' state rows written into slots in "
+        "one tick; a burst of resumed streams is spread over ticks (a stream is stepped once "
+        "its row is in, buffering its input meanwhile) so the streams already running keep "
+        "their latency; at least one row a tick is written, whatever its size",
+        positive=True,
+    )
     shard: bool = knob(True, "shard slots over all local devices of the default backend")
     buckets: tuple[int, ...] | None = knob(
         None,

@@ -423,7 +423,8 @@ class Device:
         all of them (a tick's restores never exceed a bucket), the scatter of
         a partial tick on the rows padded to a bucket. One call per row made
         the tick that first steps them wait for every row's call and
-        transfer, and every other stream in that tick with it."""
+        transfer, and every other stream in that tick with it. How many
+        rows a tick writes is the scheduler's (`restore_bytes_per_tick`)."""
         largest = self.buckets[-1]
         for start in range(0, len(rows), largest):
             part = rows[start : start + largest]
@@ -438,7 +439,11 @@ class Device:
                 # Aligned, so the CPU runtime reads it in place, not a copy
                 # (64 demo-asr rows are 32 MB).
                 values = aligned_zeros((*shape[:ax], bucket, *shape[ax:]), dtype)
-                np.moveaxis(values, ax, 0)[: len(part)] = [row[leaf] for _, row in part]
+                rows_first = np.moveaxis(values, ax, 0)
+                # Row by row: assigning the list would stack it into a
+                # temporary array first, a second copy of every byte.
+                for i, (_, row) in enumerate(part):
+                    rows_first[i] = row[leaf]
                 stacked.append(values)
             self.state = self._scatter[bucket](self.state, slot_ids, stacked)
 

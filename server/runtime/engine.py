@@ -192,13 +192,17 @@ class Engine:
         loop: asyncio.AbstractEventLoop | None = None,
         stream_id: str | None = None,
         resume_token: bytes | None = None,
+        *,
+        snapshot: StreamSnapshot | None = None,
     ) -> StreamHandle:
         """Admits a stream or refuses at once (draining, compiling, full, at
         capacity). With `resume_token`, continues the stream another server
         handed off, or refuses the token (`ResumeTokenError`: nothing is
-        restored)."""
+        restored); with `snapshot`, continues one `verify` already checked
+        (how the doors resume: verifying off their event loop)."""
         loop = loop or asyncio.get_running_loop()
-        snapshot = None if resume_token is None else self._verify(resume_token)
+        if resume_token is not None:
+            snapshot = self.verify(resume_token)
         with self._cond:
             now = time.monotonic()
             if snapshot is None:
@@ -215,8 +219,11 @@ class Engine:
             self._cond.notify()  # one more stream that may join a tick
             return handle
 
-    def _verify(self, token: bytes) -> StreamSnapshot:
-        """The snapshot in a client's token, checked against this model."""
+    def verify(self, token: bytes) -> StreamSnapshot:
+        """The snapshot in a client's token, checked against this model, or
+        the `ResumeTokenError` that refuses it. Reads only what `start`
+        set, so any thread may call it (`Runtime.resume_stream` does, off
+        the doors' loops)."""
         if self.resume_keys is None:
             raise ResumeNotConfigured(
                 "this server does not resume streams (it has no --resume-key-file); "

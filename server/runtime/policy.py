@@ -137,6 +137,23 @@ def tick_size(
     return best
 
 
+def restores_within(row_bytes: Iterable[int], budget_bytes: int) -> int:
+    """How many resumed streams, in the order given (longest waiting first),
+    have their state rows written in the next tick: the longest prefix whose
+    rows fit `budget_bytes`, and at least one (a row over the budget goes
+    alone), so a burst always progresses. The rows of a tick are copied
+    before its step: on a 2-core CPU 64 demo-asr rows (32 MB) in one tick
+    took ~30 ms and delayed every other stream in it by 1.7 ticks."""
+    total = 0
+    taken = 0
+    for size in row_bytes:
+        if taken and total + size > budget_bytes:
+            break
+        total += size
+        taken += 1
+    return taken
+
+
 def next_period(period: float | None, interval: float) -> float | None:
     """A stream's chunk period after one more interval between its chunks."""
     if interval > _MAX_PERIOD_S:

@@ -64,7 +64,8 @@ class Tick:
     started_at: float
     waits: tuple[float, ...]
     input_frames: int  # valid input frames staged
-    # Resumed streams stepped for the first time: (slot, state row) to write.
+    # Resumed streams stepped for the first time: (slot, state row) to write,
+    # at most `restore_bytes_per_tick` of rows (or one row) a tick.
     restores: list[tuple[int, tuple[np.ndarray, ...]]] = dataclasses.field(default_factory=list)
     # Set by the engine on its way through the device.
     host_seconds: float = 0.0
@@ -254,6 +255,7 @@ class Scheduler:
                 if eta is not None:
                     expected.append(eta)
         if ready:
+            ready = self._within_restore_budget(ready)
             size = policy.tick_size(
                 len(ready), self.buckets, self.config.max_streams, self.tick_times.estimate
             )
@@ -278,6 +280,24 @@ class Scheduler:
         tick = self._stage(ready, bucket, now, staging)
         self.look_ahead_ticks += device_busy if in_flight is None else in_flight
         return SchedulerOutput(tick, 0.0, deliveries, moves)
+
+    def _within_restore_budget(self, ready: list[Stream]) -> list[Stream]:
+        """`ready` less the resumed streams whose state rows do not fit this
+        tick's `restore_bytes_per_tick` (the longest waiting go first, at
+        least one). Those stay ready, buffering input, and go in a later
+        tick: a burst of resumed streams is written over several ticks
+        instead of delaying one tick of every running stream."""
+        restoring = [s for s in ready if s.restore_state is not None]
+        if len(restoring) <= 1:
+            return ready
+        restoring.sort(key=_ready_since)
+        n = policy.restores_within(
+            (s.restore_bytes for s in restoring), self.config.restore_bytes_per_tick
+        )
+        if n == len(restoring):
+            return ready
+        held = set(restoring[n:])
+        return [s for s in ready if s not in held]
 
     def _bucket(self, n: int) -> int:
         return policy.bucket_for(n, self.buckets, self.config.max_streams)

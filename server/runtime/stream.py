@@ -125,8 +125,11 @@ class Stream:
         self._max_backlog = max_backlog
         # Its slot still holds the last stream's state: reset before its first step.
         self.needs_reset = True
-        # A resumed stream's state row: written into its slot before its first step.
+        # A resumed stream's state row: written into its slot in the tick
+        # that first steps it (the scheduler spreads a burst of them over
+        # ticks; until then the stream buffers its input).
         self.restore_state: tuple[np.ndarray, ...] | None = None
+        self.restore_bytes = 0
         # The server drains: no more ticks; once none is in flight, it moves.
         self.moving = False
         # Client samples not yet stepped, with the time each piece arrived.
@@ -350,6 +353,7 @@ class Stream:
             self._buffer.append((snapshot.buffered_input, now))
             self.buffered = n
         self.restore_state = snapshot.state
+        self.restore_bytes = sum(leaf.nbytes for leaf in snapshot.state)
         self.needs_reset = False
         if snapshot.ending:
             self.phase = Phase.ENDING

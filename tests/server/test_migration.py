@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -212,6 +213,46 @@ def test_a_server_without_keys_refuses_tokens(replicas: tuple[Runtime, Runtime])
     assert keyless.move_streams() == 0
 
 
+def test_resume_stream_checks_the_token_off_the_event_loop(
+    replicas: tuple[Runtime, Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the doors call: the token is verified and decoded on a worker
+    thread while the loop goes on (a verify on the loop would wait for the
+    loop here, and time out); the stream then resumes exactly as with
+    `open_stream`, and a refused token still restores nothing."""
+    _, second = replicas
+    token = _token(replicas)
+    engine = second.engines["asr"]
+    checked_on: list[str] = []
+    loop_ran = threading.Event()
+    verify = engine.verify
+
+    def verify_after_the_loop_ran(token: bytes) -> resume.StreamSnapshot:
+        checked_on.append(threading.current_thread().name)
+        assert loop_ran.wait(10), "the event loop was blocked while the token was checked"
+        return verify(token)
+
+    monkeypatch.setattr(engine, "verify", verify_after_the_loop_ran)
+
+    async def run() -> None:
+        resuming = asyncio.create_task(second.resume_stream("asr", token))
+        await asyncio.sleep(0.01)
+        assert not resuming.done()
+        loop_ran.set()  # the loop runs while the token is being checked
+        handle = await asyncio.wait_for(resuming, 10)
+        handle.send(np.ones((3, 2), np.float32))
+        handle.end()
+        assert isinstance(await _collect(handle, {}), Ended)
+        handle.cancel()
+        with pytest.raises(ResumeTokenError) as refused:
+            await second.resume_stream("asr", b"nonsense")
+        assert refused.value.code == "INVALID_ARGUMENT"
+
+    asyncio.run(run())
+    assert [name.startswith("resume-verify") for name in checked_on] == [True, True]
+    assert second.active_streams == 0
+
+
 def test_a_token_too_large_ends_the_stream_as_without_keys(
     replicas: tuple[Runtime, Runtime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -363,27 +404,38 @@ class TickLog:
 def test_64_streams_move_into_a_replica_where_32_keep_running() -> None:
     """The issue's migration under load: 64 streams move from A into B while
     32 resident streams run on B. B's first tick is held while the 64 resume,
-    so all 64 restores land in the next, the worst case: that tick writes their
-    rows in one device call, still steps every resident, and no resident
-    misses a tick from its first chunk to its last. Every output == offline."""
+    so all 64 are waiting for their rows at once, the worst case: their rows
+    are written over the next ticks, at most `restore_bytes_per_tick` (10
+    rows here) a tick in one device call each, every row once and in the
+    tick that first steps its stream; every resident is stepped in every
+    tick from its first chunk to its last. Every output == offline."""
     model = _asr_like()
     source = Runtime(
         {"asr": model},
         SchedulerConfig(max_streams=64, buckets=(64,), max_batch_delay_ms=1.0),
         resume_keys=KEYS,
     )
+    source.start()
+    row_bytes = sum(
+        math.prod(shape) * dtype.itemsize
+        for shape, dtype in source.engines["asr"].device.row_layout
+    )
+    per_tick = 10
     target = Runtime(
         {"asr": dataclasses.replace(model)},
         # A large backlog: residents are never held back because this test
         # reads their outputs late, so each is ready for every tick.
         SchedulerConfig(
-            max_streams=96, buckets=(96,), max_batch_delay_ms=1.0, max_output_backlog=1000
+            max_streams=96,
+            buckets=(96,),
+            max_batch_delay_ms=1.0,
+            max_output_backlog=1000,
+            restore_bytes_per_tick=per_tick * row_bytes + row_bytes // 2,
         ),
         resume_keys=KEYS,
     )
     log = TickLog(target.engines["asr"].device)
     target.engines["asr"].device = log
-    source.start()
     target.start()
     log.count_write_calls()
     rng = np.random.default_rng(7)
@@ -446,16 +498,25 @@ def test_64_streams_move_into_a_replica_where_32_keep_running() -> None:
         testing.assert_allclose(y, model.offline(x), atol=1e-5, rtol=1e-5)
 
     restoring = [i for i, (_, restored, _) in enumerate(log.ticks) if restored]
-    assert len(restoring) == 1, f"restores spread over ticks {restoring}"
-    stepped, restored, write_calls = log.ticks[restoring[0]]
-    assert sorted(restored) == sorted(resumed_slots)
-    # One device call for the 64 rows, on the tick thread (never on a door's
-    # loop under the engine lock), in the tick that first steps them.
-    assert write_calls == 1
+    # The burst goes out in full ticks of 10 rows, one after another.
+    assert len(restoring) == math.ceil(64 / per_tick), f"restores in ticks {restoring}"
+    assert restoring == list(range(restoring[0], restoring[0] + len(restoring)))
+    restored_each = [log.ticks[i][1] for i in restoring]
+    assert [len(r) for r in restored_each] == [per_tick] * 6 + [4]
+    all_restored = [slot for restored in restored_each for slot in restored]
+    assert sorted(all_restored) == sorted(resumed_slots)  # each row once
+    for i, restored in zip(restoring, restored_each, strict=True):
+        stepped, _, write_calls = log.ticks[i]
+        # One device call per tick, on the tick thread (never on a door's
+        # loop under the engine lock), in the tick that first steps them.
+        assert write_calls == 1
+        assert set(restored) <= stepped
+        earlier = set().union(*(s for s, _, _ in log.ticks[:i]))
+        assert not earlier & set(restored), "a resumed stream stepped before its row was written"
+        assert set(resident_slots) <= stepped
     assert log.write_threads == {"tick-asr"}
-    assert set(resumed_slots) | set(resident_slots) <= stepped
     # No resident misses a tick: each is in every tick from its first to its last.
     for slot in resident_slots:
         ticks = [i for i, (s, _, _) in enumerate(log.ticks) if slot in s]
         assert ticks == list(range(ticks[0], ticks[-1] + 1)), f"resident in slot {slot}: {ticks}"
-        assert ticks[0] <= restoring[0] < ticks[-1]
+        assert ticks[0] <= restoring[0] and restoring[-1] < ticks[-1]

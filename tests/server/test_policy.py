@@ -128,6 +128,17 @@ def test_bucket_for() -> None:
     assert [policy.bucket_for(n, buckets, 12) for n in (1, 3, 5, 11, 12)] == [1, 4, 8, 16, 12]
 
 
+def test_restores_within_a_byte_budget_keep_their_order_and_always_progress() -> None:
+    assert policy.restores_within([10, 10, 10, 10], 25) == 2
+    assert policy.restores_within([10, 10, 5], 25) == 3  # exactly at the budget: fits
+    assert policy.restores_within([10, 10], 1000) == 2
+    # A row over the budget goes alone: a burst of them takes a tick each.
+    assert policy.restores_within([30, 10], 25) == 1
+    # A prefix: a small row never overtakes one that waited longer.
+    assert policy.restores_within([10, 30, 5], 25) == 1
+    assert policy.restores_within([], 25) == 0
+
+
 def test_period_follows_intervals_and_forgets_long_gaps() -> None:
     p = policy.next_period(None, 0.16)
     assert p == pytest.approx(0.16)

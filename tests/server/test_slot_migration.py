@@ -5,8 +5,12 @@ slot table continues exactly (the delay line's output is its input)."""
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
+import numpy as np
+import pytest
+
+from server.resume import StreamSnapshot
 from server.runtime.stream import Handoff, Phase
 from tests.server.test_slot_scheduler import Harness
 
@@ -63,3 +67,85 @@ def test_a_stream_that_never_ticked_moves_with_its_input() -> None:
     h.collect(h.scheduler.hand_off(a, Handoff(snapshot)))
     assert snapshot.frames_received == 3 and snapshot.frames_consumed == 0
     assert h.push(a, [4.0]) is False  # after the move: ignored, the client resends it
+
+
+def _moved_snapshots(xs: list[np.ndarray], sent: int) -> tuple[Harness, list[StreamSnapshot]]:
+    """Streams `x[:sent]` of each of `xs` through a source slot table, two
+    ticks each, then moves them all; returns the source and their snapshots."""
+    source = Harness(latency=3, max_streams=len(xs))
+    streams = [source.add(f"m{i}") for i in range(len(xs))]
+    for stream, x in zip(streams, xs, strict=True):
+        source.push(stream, x[:sent])
+    for _ in range(2):
+        assert source.step() is not None
+    assert source.scheduler.begin_moves() == len(xs)
+    out = source.scheduler.schedule(source.now, False, source.device.staging)
+    assert out.moves == streams
+    snapshots = []
+    for stream in streams:
+        row = source.device.read_row(stream.slot)
+        snapshot = stream.snapshot(row, np.zeros((0, 1), np.float32))
+        source.collect(source.scheduler.hand_off(stream, Handoff(snapshot)))
+        snapshots.append(snapshot)
+    return source, snapshots
+
+
+# One row of the fake delay line at latency 3: 3 float32 frames and 3 flags.
+_ROW_BYTES = 3 * 4 + 3
+
+
+@pytest.mark.parametrize(
+    ("budget", "per_tick"),
+    [(3 * _ROW_BYTES, 3), (3 * _ROW_BYTES + _ROW_BYTES // 2, 3), (1, 1), (10**6, 8)],
+)
+def test_a_burst_of_restores_is_written_over_ticks_within_the_byte_budget(
+    budget: int, per_tick: int
+) -> None:
+    """8 streams resume at once next to 4 residents: each tick writes at most
+    `budget` bytes of rows (at least one row), a resumed stream is stepped
+    first in the tick that writes its row and buffers until then, every
+    resident is stepped in every tick, no row is written twice, and every
+    stream's output is exactly its input."""
+    rng = np.random.default_rng(0)
+    moved_x = [rng.normal(size=30).astype(np.float32) for _ in range(8)]
+    resident_x = [rng.normal(size=30).astype(np.float32) for _ in range(4)]
+    source, snapshots = _moved_snapshots(moved_x, sent=10)
+    assert {sum(leaf.nbytes for leaf in s.state) for s in snapshots} == {_ROW_BYTES}
+
+    target = Harness(latency=3, max_streams=12, restore_bytes_per_tick=budget)
+    residents = [target.add(f"r{i}") for i in range(4)]
+    for stream, x in zip(residents, resident_x, strict=True):
+        target.push(stream, x)
+        target.collect(target.scheduler.end(stream, target.now))
+    resumed = []
+    for snapshot, x in zip(snapshots, moved_x, strict=True):
+        stream, done = target.scheduler.resume(snapshot.stream_id, target.now, snapshot)
+        assert done == []
+        target.push(stream, x[snapshot.frames_received :])
+        target.collect(target.scheduler.end(stream, target.now))
+        resumed.append(stream)
+    resumed_slots = [s.slot for s in resumed]
+
+    ticks: list[tuple[list[int], list[int]]] = []  # (slots stepped, slots restored)
+    while (tick := target.step()) is not None:
+        restored = [slot for slot, _ in tick.restores]
+        written = sum(leaf.nbytes for _, row in tick.restores for leaf in row)
+        assert len(restored) == 1 or written <= budget
+        ticks.append(([s.slot for s in tick.streams], restored))
+
+    restoring = [i for i, (_, restored) in enumerate(ticks) if restored]
+    assert restoring == list(range(math.ceil(8 / per_tick)))
+    assert [len(ticks[i][1]) for i in restoring[:-1]] == [per_tick] * (len(restoring) - 1)
+    # Each row written once, in the tick that first steps its stream.
+    assert sorted(target.device.restored) == sorted(resumed_slots)
+    for slot in resumed_slots:
+        first = next(i for i, (stepped, _) in enumerate(ticks) if slot in stepped)
+        assert slot in ticks[first][1], f"slot {slot} stepped before its row was written"
+    for stepped, _ in ticks[: max(restoring) + 1]:
+        assert {s.slot for s in residents} <= set(stepped), "a resident missed a tick"
+    assert target.device.resets == [s.slot for s in residents]
+    for i, x in enumerate(moved_x):
+        joined = np.concatenate([source.output(f"m{i}"), target.output(f"m{i}")])
+        np.testing.assert_array_equal(joined, x)
+    for i, x in enumerate(resident_x):
+        np.testing.assert_array_equal(target.output(f"r{i}"), x)

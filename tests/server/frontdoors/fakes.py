@@ -122,17 +122,21 @@ class FakeRuntime:
     def ready(self) -> bool:
         return not self.draining
 
-    def open_stream(
-        self, model: str, stream_id: str | None = None, *, resume_token: bytes | None = None
-    ) -> FakeHandle:
+    def open_stream(self, model: str, stream_id: str | None = None) -> FakeHandle:
         if self.draining:
             raise Unavailable("draining")
         handle = FakeHandle(self.get_model(model), stream_id or f"s{len(self.handles)}")
         handle.moves = self.moves
-        if resume_token is not None:
-            self.tokens.append(resume_token)
-            handle.output_offset = 7
         self.handles.append(handle)
+        return handle
+
+    async def resume_stream(
+        self, model: str, resume_token: bytes, stream_id: str | None = None
+    ) -> FakeHandle:
+        await asyncio.sleep(0)  # as the runtime's: the loop runs while the token is checked
+        self.tokens.append(resume_token)
+        handle = self.open_stream(model, stream_id)
+        handle.output_offset = 7
         return handle
 
     def model_state(self, name: str) -> str:

@@ -42,7 +42,7 @@ def test_pump_feeds_chunks_and_yields_outputs_until_ended() -> None:
     xs = chunks(3, 1, 4)
 
     async def main() -> list[object]:
-        handle = bridge.open("echo", "id-1", None)
+        handle = await bridge.open("echo", "id-1", None)
         assert handle.stream_id == "id-1"
         return [item async for item in bridge.pump(handle, messages([*xs, END], hold=True))]
 
@@ -68,7 +68,7 @@ def test_chunk_latency_is_recorded_after_the_door_wrote_the_output() -> None:
     bridge = StreamBridge(runtime, "grpc")
 
     async def main() -> list[int]:
-        handle = bridge.open("echo", None, None)
+        handle = await bridge.open("echo", None, None)
         seen = []
         async for _ in bridge.pump(handle, messages([*chunks(2, 2), END])):
             # While the door holds an item (writing it), its latency is not in yet.
@@ -84,7 +84,7 @@ def test_input_that_stops_without_end_cancels_the_stream() -> None:
     bridge = StreamBridge(runtime, "websocket")
 
     async def main() -> list[object]:
-        handle = bridge.open("echo", None, None)
+        handle = await bridge.open("echo", None, None)
         return [item async for item in bridge.pump(handle, messages(chunks(2)))]
 
     items = asyncio.run(main())
@@ -98,7 +98,7 @@ def test_a_bad_message_fails_the_stream_with_its_error() -> None:
     bad = InvalidArgument("chunk data has 10 bytes")
 
     async def main() -> None:
-        handle = bridge.open("echo", None, None)
+        handle = await bridge.open("echo", None, None)
         async for _ in bridge.pump(handle, messages([*chunks(2), bad], hold=True)):
             pass
 
@@ -113,7 +113,7 @@ def test_a_chunk_the_runtime_refuses_fails_the_stream() -> None:
     wrong_shape = np.zeros((2, 3), np.float32)
 
     async def main() -> None:
-        handle = bridge.open("echo", None, None)
+        handle = await bridge.open("echo", None, None)
         async for _ in bridge.pump(handle, messages([wrong_shape, END], hold=True)):
             pass
 
@@ -126,7 +126,7 @@ def test_a_broken_connection_cancels_the_stream() -> None:
     bridge = StreamBridge(runtime, "grpc")
 
     async def main() -> list[object]:
-        handle = bridge.open("echo", None, None)
+        handle = await bridge.open("echo", None, None)
         return [i async for i in bridge.pump(handle, messages([ConnectionResetError()]))]
 
     assert asyncio.run(main()) == []
@@ -139,7 +139,7 @@ def test_a_door_that_stops_reading_frees_the_stream_and_its_reader() -> None:
     bridge = StreamBridge(runtime, "websocket")
 
     async def main() -> bool:
-        handle = bridge.open("echo", None, None)
+        handle = await bridge.open("echo", None, None)
         pump = bridge.pump(handle, messages(chunks(1, 1), hold=True))
         await anext(pump)
         await pump.aclose()
@@ -156,14 +156,14 @@ def test_open_refusals_raise_and_hold_no_stream() -> None:
     runtime = FakeRuntime()
     bridge = StreamBridge(runtime, "websocket")
     with pytest.raises(ModelNotFound):
-        bridge.open("nope", None, None)
+        asyncio.run(bridge.open("nope", None, None))
     # Segments on a model without a speech output: refused, stream cancelled.
     with pytest.raises(InvalidArgument, match="no speech output"):
-        bridge.open("echo", None, SegmentOptions())
+        asyncio.run(bridge.open("echo", None, SegmentOptions()))
     assert runtime.handles[0].calls == ["cancel"]
     runtime.draining = True
     with pytest.raises(Unavailable):
-        bridge.open("echo", None, None)
+        asyncio.run(bridge.open("echo", None, None))
 
 
 def test_segments_events_follow_their_output() -> None:
@@ -171,7 +171,7 @@ def test_segments_events_follow_their_output() -> None:
     bridge = StreamBridge(runtime, "websocket")
 
     async def main() -> list[type]:
-        handle = bridge.open("vad", None, SegmentOptions(threshold=0.7))
+        handle = await bridge.open("vad", None, SegmentOptions(threshold=0.7))
         assert runtime.handles[0].segments == SegmentOptions(threshold=0.7)
         return [type(i) async for i in bridge.pump(handle, messages([*chunks(2), END]))]
 
@@ -195,7 +195,7 @@ def test_a_door_that_fails_mid_stream_frees_the_stream_at_once() -> None:
     bridge = StreamBridge(runtime, "websocket")
 
     async def main() -> None:
-        handle = bridge.open("echo", None, None)
+        handle = await bridge.open("echo", None, None)
         pump = bridge.pump(handle, messages(chunks(1, 1), hold=True))
         with pytest.raises(ConnectionResetError):
             async with contextlib.aclosing(pump) as items:
