@@ -129,7 +129,6 @@ class Stream:
         # that first steps it (the scheduler spreads a burst of them over
         # ticks; until then the stream buffers its input).
         self.restore_state: tuple[np.ndarray, ...] | None = None
-        self.restore_bytes = 0
         # The server drains: no more ticks; once none is in flight, it moves.
         self.moving = False
         # Client samples not yet stepped, with the time each piece arrived.
@@ -161,6 +160,13 @@ class Stream:
         self._input_ready_at: float | None = None
 
     # Input ----------------------------------------------------------------------
+
+    @property
+    def restore_bytes(self) -> int:
+        """Bytes of the state row still to be written (0: none)."""
+        if self.restore_state is None:
+            return 0
+        return sum(leaf.nbytes for leaf in self.restore_state)
 
     def push(self, x: np.ndarray, now: float, max_buffered: int) -> bool:
         """Buffers validated samples; True if a chunk just became ready."""
@@ -353,7 +359,6 @@ class Stream:
             self._buffer.append((snapshot.buffered_input, now))
             self.buffered = n
         self.restore_state = snapshot.state
-        self.restore_bytes = sum(leaf.nbytes for leaf in snapshot.state)
         self.needs_reset = False
         if snapshot.ending:
             self.phase = Phase.ENDING
