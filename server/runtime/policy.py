@@ -100,40 +100,54 @@ def bucket_for(n: int, buckets: list[int], max_streams: int) -> int:
 
 
 # Ready streams are left for the next tick only to fill a bucket of at
-# least this many rows: from there a tick's device time grows about linearly
-# with its rows (demo-asr: 0.53, 0.47, 0.47 ms a row at 32, 64, 128), so the
-# rows left over cost no more in the next tick, which whoever becomes ready
-# meanwhile joins. Below it small ticks cost more per row and padding is cheap.
+# least this many rows. Below it small ticks cost more per row and padding
+# is cheap.
 MIN_FILLED_BUCKET = 32
-# ...and only when the filled bucket serves this much more per device second.
-FILL_GAIN = 1.15
+# Splitting must clear the ready streams this much sooner than one tick of
+# all of them: each extra tick costs the host 1-3 ms of staging and launch
+# that the device-time estimates leave out, and close calls are noise.
+SPLIT_GAIN = 1.05
+
+
+def clear_seconds(n: int, b: int, buckets: list[int], estimate: Callable[[int], float]) -> float:
+    """Device seconds to step `n` ready streams as ticks of `b` rows (the
+    remainder padded to its bucket). 0: a tick time is unknown."""
+    full, rest = divmod(n, b)
+    t = estimate(b)
+    t_rest = estimate(next(x for x in buckets if x >= rest)) if rest else 0.0
+    if t <= 0 or (rest and t_rest <= 0):
+        return 0.0
+    return full * t + t_rest
 
 
 def tick_size(
     n: int, buckets: list[int], max_streams: int, estimate: Callable[[int], float]
 ) -> int:
     """How many of `n` ready streams the next tick takes: all of them, or a
-    bucket below `n`, filled, when that steps more streams per device
-    second than `n` padded up to the next bucket; of those buckets the one
-    with the best rate (the rest go next tick). Under load, 135 ready
-    streams padded to a bucket of 256 took twice the device time of 128;
-    and past a cache-sized batch a bigger tick is slower per row (demo-asr
-    on a 2-core EPYC: 3.3 rows/ms at 64, 2.2 at 128, 2.1 at 256), so with
-    400 streams ready, ticks of 256 held the served rate at two thirds of
-    what ticks of 64 gave. `estimate(bucket)`: expected device seconds of
-    a tick (0: unknown, then all are taken)."""
-    padded = bucket_for(n, buckets, max_streams)
-    if padded == n:
+    filled bucket below `n` when ticks of that bucket step all `n` sooner
+    than one tick of `n` padded up to its bucket (of those, the soonest; the
+    rest go next tick, with whoever becomes ready meanwhile). Under load,
+    135 ready streams padded to a bucket of 256 took twice the device time
+    of 128; and past a cache-sized batch a bigger tick is slower per row
+    (demo-asr on a 2-core EPYC, distinct rows: 3.2 rows/ms at 64, 2.5 at
+    128 and 256), so with 250 streams ready, ticks of 256 held the served
+    rate at 80% of what ticks of 64 gave, and once chunks queued, ticks
+    stayed big. A bucket exactly full is no exception: 128 ready streams
+    run as two ticks of 64 there. With time linear in rows plus a fixed
+    cost, everyone goes unless padding wastes more than the extra ticks
+    cost. `estimate(bucket)`: expected device seconds of a tick (0:
+    unknown, then all are taken)."""
+    if n == max_streams:
+        return n  # the full tick: no gather or scatter, the cheapest per row
+    t_all = estimate(bucket_for(n, buckets, max_streams))
+    if t_all <= 0:
         return n
-    t_padded = estimate(padded)
-    if t_padded <= 0:
-        return n
-    best, best_rate = n, FILL_GAIN * n / t_padded
+    best, best_t = n, t_all / SPLIT_GAIN
     for b in buckets:
         if MIN_FILLED_BUCKET <= b < n:
-            t = estimate(b)
-            if t > 0 and b / t >= best_rate:
-                best, best_rate = b, b / t
+            t = clear_seconds(n, b, buckets, estimate)
+            if 0 < t < best_t:
+                best, best_t = b, t
     return best
 
 
@@ -166,54 +180,69 @@ def next_period(period: float | None, interval: float) -> float | None:
 class TickTimes:
     """Expected device seconds of a tick per bucket.
 
-    Each bucket's ticks are averaged (exponentially) after dividing out a
-    load factor shared by all buckets: measured over warm-up time, averaged
-    over every tick. An estimate is that average times the current factor.
-    So buckets compare like for like: a bucket last run while the host was
-    busy (its ticks 30% slower) is not held against one measured only at
-    warm-up on an idle machine. Compared raw, 256 rows (warm-up: idle)
-    looked better than 64 (measured under load) and was run again and
-    again at 2 rows/ms against 64's 3.3."""
+    A bucket run lately (within `STALE_TICKS` ticks) is expected to take
+    what its recent ticks took (an exponential average). Any other bucket
+    is expected to take its warm-up time scaled as the nearest bucket run
+    lately has slowed down since its own warm-up: buckets slow down
+    unequally under load (a tick's fixed costs weigh most on small ones),
+    so the scale comes from the closest size, and a bucket's own old
+    figure is not used at all, since it may come from a spell long over.
+
+    Both failures this avoids were measured (demo-asr, 2-core EPYC): raw
+    figures compared 256 rows timed idle at warm-up with 64 timed under
+    load, and ran 256 at 2 rows/ms against 64's 3.3; one load factor shared
+    by all buckets put 64-row ticks that took 20 ms at 36 ms, so 32-row
+    ticks ran instead and admission refused streams at two thirds of
+    capacity."""
+
+    # About half a second of ticks under load.
+    STALE_TICKS = 20
 
     def __init__(self) -> None:
-        self._norm: dict[int, float] = {}
+        self._time: dict[int, float] = {}
         self._warm: dict[int, float] = {}
         self._count: dict[int, int] = {}
-        self._factor: float | None = None
+        self._seen: dict[int, int] = {}  # tick number of the bucket's last run
+        self._ticks = 0
 
     def seed(self, bucket: int, seconds: float) -> None:
-        """The warm-up's time for `bucket` (idle machine): the reference the
-        load factor is measured against."""
+        """The warm-up's time for `bucket` (idle machine, distinct rows)."""
         if seconds > 0:
             self._warm[bucket] = seconds
-            self._norm.setdefault(bucket, seconds)
             self._count.setdefault(bucket, 0)
 
     def observe(self, bucket: int, seconds: float) -> None:
-        warm = self._warm.get(bucket)
-        if warm:
-            ratio = seconds / warm
-            old_factor = self._factor
-            self._factor = (
-                ratio if old_factor is None else old_factor + _TICK_WEIGHT * (ratio - old_factor)
-            )
-        norm = seconds / (self._factor or 1.0)
+        old = self._time.get(bucket)
+        if old is None or not self._fresh(bucket):
+            old = seconds  # back after a while: start over from the new figure
+        self._time[bucket] = old + _TICK_WEIGHT * (seconds - old)
         self._count[bucket] = self._count.get(bucket, 0) + 1
-        old = self._norm.get(bucket)
-        self._norm[bucket] = norm if old is None else old + _TICK_WEIGHT * (norm - old)
+        self._seen[bucket] = self._ticks
+        self._ticks += 1
+
+    def _fresh(self, bucket: int) -> bool:
+        seen = self._seen.get(bucket)
+        return seen is not None and self._ticks - seen <= self.STALE_TICKS
 
     def estimate(self, bucket: int) -> float:
-        """The bucket's expected time; unmeasured, the nearest smaller
-        one's (0: none)."""
-        if bucket not in self._norm:
-            smaller = [b for b in self._norm if b < bucket]
-            if not smaller:
-                return 0.0
-            bucket = max(smaller)
-        return self._norm[bucket] * (self._factor or 1.0)
+        """The bucket's expected time; neither run nor warmed up, the
+        nearest smaller one's (0: none)."""
+        if self._fresh(bucket):
+            return self._time[bucket]
+        warm = self._warm.get(bucket)
+        if warm is None:
+            if bucket in self._time:
+                return self._time[bucket]
+            smaller = [b for b in {*self._time, *self._warm} if b < bucket]
+            return self.estimate(max(smaller)) if smaller else 0.0
+        running = [b for b in self._warm if self._fresh(b)]
+        if not running:
+            return warm
+        near = min(running, key=lambda b: abs(math.log(b / bucket)))
+        return warm * self._time[near] / self._warm[near]
 
     def as_dict(self) -> dict[int, float]:
-        return {b: self.estimate(b) for b in self._norm}
+        return {b: self.estimate(b) for b in sorted({*self._time, *self._warm})}
 
     def served(self, min_ticks: int = 4) -> dict[int, float]:
         """Buckets that ran at least `min_ticks` (the warm-up measures an
@@ -223,35 +252,39 @@ class TickTimes:
 
 
 class LateMeter:
-    """Real-time chunks that missed the latency budget, counted over the last
-    one to two windows of `window_s` (two counters, rotated)."""
+    """Real-time chunks that missed the latency budget, over the most recent
+    ticks: the last `window_s`, reaching further back until at least
+    `MIN_CHUNKS` chunks are counted, never past `max_age_s`.
 
-    def __init__(self, window_s: float = 2.0) -> None:
+    Short so the rule refuses new streams while chunks are late *now*:
+    with a fixed 2-4 s memory it kept refusing for seconds after the
+    backlog had cleared, and every stream that reconnected meanwhile was
+    refused (383 demo-asr streams fell to 14 before one was let in). Reaching
+    back keeps a server with few streams (20 chunks a second) able to tell."""
+
+    def __init__(self, window_s: float = 0.5, max_age_s: float = 4.0) -> None:
         self.window_s = window_s
-        self._start = -math.inf
-        self._current = [0, 0]  # late, total
-        self._previous = [0, 0]
-
-    def _rotate(self, now: float) -> None:
-        if now - self._start < self.window_s:
-            return
-        stale = now - self._start >= 2 * self.window_s
-        self._previous = [0, 0] if stale else self._current
-        self._current = [0, 0]
-        self._start = now
+        self.max_age_s = max_age_s
+        self._ticks: collections.deque[tuple[float, int, int]] = collections.deque()
 
     def observe(self, now: float, late: int, total: int) -> None:
-        self._rotate(now)
-        self._current[0] += late
-        self._current[1] += total
+        self._ticks.append((now, late, total))
+        while self._ticks and self._ticks[0][0] < now - self.max_age_s:
+            self._ticks.popleft()
 
     def counts(self, now: float) -> tuple[int, int]:
-        """(late, total) over the recent windows."""
-        self._rotate(now)
-        return (self._current[0] + self._previous[0], self._current[1] + self._previous[1])
+        """(late, total) over the recent ticks."""
+        late = total = 0
+        for at, tick_late, tick_total in reversed(self._ticks):
+            age = now - at
+            if age > self.max_age_s or (age > self.window_s and total >= MIN_CHUNKS):
+                break
+            late += tick_late
+            total += tick_total
+        return late, total
 
     def reset(self) -> None:
-        self._start, self._current, self._previous = -math.inf, [0, 0], [0, 0]
+        self._ticks.clear()
 
 
 class StepRate:
