@@ -104,30 +104,24 @@ def bucket_for(n: int, buckets: list[int], max_streams: int) -> int:
 # is cheap.
 MIN_FILLED_BUCKET = 32
 # Splitting must clear the ready streams this much sooner than one tick of
-# all of them, the host's cost of each tick included: close calls are noise.
+# all of them: each extra tick costs the host 1-3 ms of staging and launch
+# that the device-time estimates leave out, and close calls are noise.
 SPLIT_GAIN = 1.05
 
 
-def clear_seconds(
-    n: int, b: int, buckets: list[int], estimate: Callable[[int], float], overhead_s: float = 0.0
-) -> float:
-    """Seconds to step `n` ready streams as ticks of `b` rows (the remainder
-    padded to its bucket), `overhead_s` a tick added. 0: a tick time is
-    unknown."""
+def clear_seconds(n: int, b: int, buckets: list[int], estimate: Callable[[int], float]) -> float:
+    """Device seconds to step `n` ready streams as ticks of `b` rows (the
+    remainder padded to its bucket). 0: a tick time is unknown."""
     full, rest = divmod(n, b)
     t = estimate(b)
     t_rest = estimate(next(x for x in buckets if x >= rest)) if rest else 0.0
     if t <= 0 or (rest and t_rest <= 0):
         return 0.0
-    return full * (t + overhead_s) + (t_rest + overhead_s if rest else 0.0)
+    return full * t + t_rest
 
 
 def tick_size(
-    n: int,
-    buckets: list[int],
-    max_streams: int,
-    estimate: Callable[[int], float],
-    overhead_s: float = 0.0,
+    n: int, buckets: list[int], max_streams: int, estimate: Callable[[int], float]
 ) -> int:
     """How many of `n` ready streams the next tick takes: all of them, or a
     filled bucket below `n` when ticks of that bucket step all `n` sooner
@@ -142,19 +136,16 @@ def tick_size(
     run as two ticks of 64 there. With time linear in rows plus a fixed
     cost, everyone goes unless padding wastes more than the extra ticks
     cost. `estimate(bucket)`: expected device seconds of a tick (0:
-    unknown, then all are taken); `overhead_s`: the host's time to stage
-    and launch a tick. On a CPU that time takes cores from the step: ticks
-    of 32 rather than 64 demo-asr rows, equal on device time alone, cost the
-    server 1.3x the CPU per audio second."""
+    unknown, then all are taken)."""
     if n == max_streams:
         return n  # the full tick: no gather or scatter, the cheapest per row
     t_all = estimate(bucket_for(n, buckets, max_streams))
     if t_all <= 0:
         return n
-    best, best_t = n, (t_all + overhead_s) / SPLIT_GAIN
+    best, best_t = n, t_all / SPLIT_GAIN
     for b in buckets:
         if MIN_FILLED_BUCKET <= b < n:
-            t = clear_seconds(n, b, buckets, estimate, overhead_s)
+            t = clear_seconds(n, b, buckets, estimate)
             if 0 < t < best_t:
                 best, best_t = b, t
     return best
@@ -213,7 +204,6 @@ class TickTimes:
         self._count: dict[int, int] = {}
         self._seen: dict[int, int] = {}  # tick number of the bucket's last run
         self._ticks = 0
-        self.overhead_s = 0.0  # the host's time to launch a tick, averaged
 
     def seed(self, bucket: int, seconds: float) -> None:
         """The warm-up's time for `bucket` (idle machine, distinct rows)."""
@@ -221,10 +211,7 @@ class TickTimes:
             self._warm[bucket] = seconds
             self._count.setdefault(bucket, 0)
 
-    def observe(self, bucket: int, seconds: float, launch_s: float = 0.0) -> None:
-        """A tick of `bucket` took the device `seconds`; the host spent
-        `launch_s` launching it."""
-        self.overhead_s += _TICK_WEIGHT * (launch_s - self.overhead_s)
+    def observe(self, bucket: int, seconds: float) -> None:
         old = self._time.get(bucket)
         if old is None or not self._fresh(bucket):
             old = seconds  # back after a while: start over from the new figure

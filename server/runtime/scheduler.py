@@ -257,11 +257,7 @@ class Scheduler:
         if ready:
             ready = self._within_restore_budget(ready)
             size = policy.tick_size(
-                len(ready),
-                self.buckets,
-                self.config.max_streams,
-                self.tick_times.estimate,
-                self.tick_times.overhead_s,
+                len(ready), self.buckets, self.config.max_streams, self.tick_times.estimate
             )
             if size < len(ready):
                 # A filled bucket: the longest-waiting streams go now.
@@ -354,7 +350,7 @@ class Scheduler:
     ) -> tuple[list[Delivery], int]:
         """Gives each stream of `tick` its outputs `y [bucket, out_chunk, *c]`;
         returns the deliveries and the valid output frames among them."""
-        self.tick_times.observe(tick.bucket, device_seconds, tick.dispatch_seconds)
+        self.tick_times.observe(tick.bucket, device_seconds)
         self.steps.observe(now, len(tick.streams), device_seconds)
         # Rows with an invalid frame need a boolean gather; the rest do not.
         gather = (~y_mask.all(axis=1)).tolist()

@@ -308,21 +308,6 @@ def test_tick_size_takes_the_bucket_with_the_best_rate() -> None:
     )
 
 
-def test_tick_size_counts_the_hosts_cost_of_each_tick() -> None:
-    # On device time alone 100 ready streams clear soonest as ticks of 32
-    # (4 ticks, 33 ms against 42 ms for one of 128); with 3 ms of host time
-    # to launch each tick (cores a CPU step then lacks), one tick is best.
-    buckets = [8, 16, 32, 64, 128, 256]
-    ms = {8: 3.0, 16: 6.0, 32: 10.0, 64: 19.0, 128: 42.0, 256: 90.0}
-    estimate = lambda b: ms[b] / 1000
-    assert policy.tick_size(100, buckets, 256, estimate) == 32
-    assert policy.tick_size(100, buckets, 256, estimate, overhead_s=0.003) == 100
-    times = policy.TickTimes()
-    for _ in range(30):
-        times.observe(64, 0.019, 0.003)
-    assert times.overhead_s == pytest.approx(0.003, rel=0.01)
-
-
 def test_predicted_overload_compares_chunk_rates_with_the_device_rate() -> None:
     # 64 rows in 40 ms: 1,600 rows a second at best; streams send 6.25 chunks a second.
     ticks = {16: 0.015, 64: 0.040}
