@@ -204,12 +204,14 @@ class TickTimes:
         self._count: dict[int, int] = {}
         self._seen: dict[int, int] = {}  # tick number of the bucket's last run
         self._ticks = 0
+        self._table: dict[int, float] = {}
 
     def seed(self, bucket: int, seconds: float) -> None:
         """The warm-up's time for `bucket` (idle machine, distinct rows)."""
         if seconds > 0:
             self._warm[bucket] = seconds
             self._count.setdefault(bucket, 0)
+            self._update_table()
 
     def observe(self, bucket: int, seconds: float) -> None:
         old = self._time.get(bucket)
@@ -219,30 +221,39 @@ class TickTimes:
         self._count[bucket] = self._count.get(bucket, 0) + 1
         self._seen[bucket] = self._ticks
         self._ticks += 1
+        self._update_table()
 
     def _fresh(self, bucket: int) -> bool:
         seen = self._seen.get(bucket)
         return seen is not None and self._ticks - seen <= self.STALE_TICKS
 
+    def _update_table(self) -> None:
+        # Estimates change only here (a tick or a seed); the scheduler asks
+        # for them many times between ticks, each time a chunk arrives.
+        running = [b for b in self._warm if self._fresh(b)]
+        table = {}
+        for bucket in {*self._time, *self._warm}:
+            warm = self._warm.get(bucket)
+            if self._fresh(bucket) or warm is None:
+                table[bucket] = self._time[bucket]
+            elif not running:
+                table[bucket] = warm
+            else:
+                near = min(running, key=lambda b: abs(math.log(b / bucket)))
+                table[bucket] = warm * self._time[near] / self._warm[near]
+        self._table = table
+
     def estimate(self, bucket: int) -> float:
         """The bucket's expected time; neither run nor warmed up, the
         nearest smaller one's (0: none)."""
-        if self._fresh(bucket):
-            return self._time[bucket]
-        warm = self._warm.get(bucket)
-        if warm is None:
-            if bucket in self._time:
-                return self._time[bucket]
-            smaller = [b for b in {*self._time, *self._warm} if b < bucket]
-            return self.estimate(max(smaller)) if smaller else 0.0
-        running = [b for b in self._warm if self._fresh(b)]
-        if not running:
-            return warm
-        near = min(running, key=lambda b: abs(math.log(b / bucket)))
-        return warm * self._time[near] / self._warm[near]
+        seconds = self._table.get(bucket)
+        if seconds is not None:
+            return seconds
+        smaller = [b for b in self._table if b < bucket]
+        return self._table[max(smaller)] if smaller else 0.0
 
     def as_dict(self) -> dict[int, float]:
-        return {b: self.estimate(b) for b in sorted({*self._time, *self._warm})}
+        return dict(sorted(self._table.items()))
 
     def served(self, min_ticks: int = 4) -> dict[int, float]:
         """Buckets that ran at least `min_ticks` (the warm-up measures an
