@@ -12,10 +12,11 @@ Prints JSON, then the headline line:
   between outputs otherwise): the latency the move adds to its chunk;
 - `resident`: the residents' chunk latency (chunk sent until the outputs it
   makes possible arrived, as `sl-loadtest` measures it) and gaps between
-  outputs, before the SIGTERM and during the migration (from the SIGTERM to
-  the last stream resumed, plus 1 s), next to the servers'
-  `--latency-budget-ms`: "migration under load: none of the residents is
-  delayed past its budget" as a figure.
+  outputs, before the SIGTERM, during the migration (from the SIGTERM to
+  the last stream resumed, plus 1 s) and after it (every stream on the
+  target: the load the migration leaves, without one going on), next to
+  the servers' `--latency-budget-ms`: "migration under load: none of the
+  residents is delayed past its budget" as a figure.
 
     python -m loadtests.bench_migration [--model demo-asr] [--streams 64] [--resident 32]
         [--chunk-ms 20] [--chunk-blocks 1]
@@ -168,13 +169,21 @@ def _percentiles(values: list[float]) -> dict[str, float | int | None]:
 
 
 def _resident_figures(
-    residents: list[StreamTimes], started: float, sigterm: float, window_end: float
+    residents: list[StreamTimes],
+    started: float,
+    sigterm: float,
+    window_end: float,
+    moved_end: float,
 ) -> dict[str, Any]:
-    """Chunk latency and output gaps of the residents, before and during."""
+    """Chunk latency and output gaps of the residents, before, during and
+    after the migration (after: until the first moved stream ends, so every
+    stream is still on the target: the same load without a migration going
+    on, to tell the migration's share from that of the load it brings)."""
     before = lambda t: started + _WARM_UP_S <= t < sigterm
     during = lambda t: sigterm <= t <= window_end
+    after = lambda t: window_end < t <= moved_end
     figures: dict[str, Any] = {}
-    for name, keep in (("before", before), ("during", during)):
+    for name, keep in (("before", before), ("during", during), ("after", after)):
         latencies = [lat for r in residents for t, lat in r.latencies if keep(t)]
         gaps = [b - a for r in residents for a, b in itertools.pairwise(r.outputs) if keep(b)]
         figures[name] = {"latency_ms": _percentiles(latencies), "gap_ms": _percentiles(gaps)}
@@ -329,7 +338,8 @@ def main() -> None:
         normal += [d for i, d in enumerate(diffs) if i != r.moved_index - 1]
     last_resumed = max((r.moved_at for r in moved if r.moved_at is not None), default=None)
     window_end = (last_resumed if last_resumed is not None else sigterm) + _AFTER_RESUME_S
-    resident = _resident_figures(residents, started, sigterm, window_end)
+    moved_end = min((r.outputs[-1] for r in moved if r.outputs), default=window_end)
+    resident = _resident_figures(residents, started, sigterm, window_end, moved_end)
     report = {
         "timeline": _timeline(residents, moved, sigterm, window_end),
         "model": a.model,
@@ -351,10 +361,10 @@ def main() -> None:
         },
     }
     print(json.dumps(report))
-    before = resident["before"]["latency_ms"]["p99"]
-    during = resident["during"]["latency_ms"]["p99"]
+    p99 = {k: resident[k]["latency_ms"]["p99"] for k in ("before", "during", "after")}
     print(
-        f"resident p99 chunk latency during migration: {during} ms (before: {before} ms; "
+        f"resident p99 chunk latency during migration: {p99['during']} ms (before: "
+        f"{p99['before']} ms, after, all streams on the target: {p99['after']} ms; "
         f"budget {a.latency_budget_ms:g} ms); {len(moved)}/{a.streams} moved, "
         f"{a.resident} resident"
     )

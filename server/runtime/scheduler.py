@@ -260,8 +260,12 @@ class Scheduler:
                 len(ready), self.buckets, self.config.max_streams, self.tick_times.estimate
             )
             if size < len(ready):
-                # A filled bucket: the longest-waiting streams go now.
-                ready.sort(key=_ready_since)
+                # A filled bucket: on-time streams first, then the longest
+                # waiting (`policy.tick_priority`).
+                budget = self._budget_s
+                ready.sort(
+                    key=lambda s: policy.tick_priority(s.ready_since, s.ready_by_input, now, budget)
+                )
                 ready = ready[:size]
         oldest = min(s.ready_since for s in ready) if ready else None  # type: ignore[type-var]
         bucket = self._bucket(len(ready)) if ready else 0

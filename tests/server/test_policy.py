@@ -358,3 +358,19 @@ def test_step_rate_learns_no_capacity_while_the_device_idles() -> None:
         rate.observe(i * 0.1, 100, 0.1)  # now saturated
     rate.update(overloaded=True)
     assert rate.capacity == pytest.approx(1000.0)
+
+
+def test_tick_priority_puts_on_time_streams_first_but_not_for_ever() -> None:
+    now, budget = 1.0, 0.05
+    keys = {
+        "on time": policy.tick_priority(0.99, True, now, budget),
+        "behind, waiting longer": policy.tick_priority(0.97, False, now, budget),
+        "behind": policy.tick_priority(0.98, False, now, budget),
+        "behind a whole budget": policy.tick_priority(0.94, False, now, budget),
+    }
+    assert sorted(keys, key=keys.__getitem__) == [
+        "behind a whole budget",
+        "on time",
+        "behind, waiting longer",
+        "behind",
+    ]

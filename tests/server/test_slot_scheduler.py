@@ -444,3 +444,33 @@ def test_engine_stop_ends_open_streams_with_unavailable() -> None:
             eng.open_stream()
 
     asyncio.run(main())
+
+
+def test_a_split_tick_takes_on_time_streams_before_those_catching_up() -> None:
+    # 8 streams catching up (each sent 3 chunks at once, as a moved stream
+    # resends its unacknowledged audio) and 32 on time: a tick of 32 (the
+    # cheaper bucket by the tick times) takes the 32 on time; the others go
+    # next tick, although they have been ready longer.
+    h = Harness(max_streams=96, buckets=(32, 64, 96), latency_budget_ms=50)
+    for bucket, seconds in {32: 0.010, 64: 0.040, 96: 0.060}.items():
+        h.scheduler.tick_times.seed(bucket, seconds)
+    behind = [h.add(f"b{i}") for i in range(8)]
+    for s in behind:
+        h.push(s, np.ones(12))
+    first = h.step()
+    assert first is not None and len(first.streams) == 8
+    h.now += 0.01
+    on_time = [h.add(f"r{i}") for i in range(32)]
+    for s in on_time:
+        h.push(s, np.ones(4))
+    tick, _ = h.schedule()
+    assert tick is not None
+    assert {s.stream_id for s in tick.streams} == {s.stream_id for s in on_time}
+    h.run(tick)
+    # Catching up, they still go within a budget: next tick here, and first
+    # once they have waited the whole budget.
+    h.now += 0.06
+    for s in on_time:
+        h.push(s, np.ones(4))
+    tick, _ = h.schedule()
+    assert tick is not None and {s.stream_id for s in behind} <= {s.stream_id for s in tick.streams}
