@@ -382,10 +382,11 @@ class Device:
             x = np.zeros((b, self.chunk_frames, *spec.shape), spec.dtype)
             lengths = np.zeros((b,), np.int32)
             self.run_tick(slots, x, lengths)
-            # The faster of two timed runs: these seed the load factor every
-            # bucket's estimate is scaled by, and which bucket a loaded
-            # tick fills (`policy.TickTimes`); one run was off by 20-40%
-            # often enough to rank the buckets wrongly.
+            # The faster of two timed runs: these are the estimates of
+            # buckets not run lately, scaled by how the nearest running one
+            # has slowed (`policy.TickTimes`), and rank the buckets a loaded
+            # tick fills; one run was off by 20-40% often enough to rank
+            # them wrongly.
             times = []
             for _ in range(2):
                 start = time.perf_counter()

@@ -158,7 +158,7 @@ def test_tick_times_fall_back_to_a_smaller_bucket() -> None:
     assert times.estimate(2) == 0.0
 
 
-def test_tick_times_scale_every_bucket_by_the_load() -> None:
+def test_tick_times_scale_buckets_not_run_as_the_nearest_running_one() -> None:
     # Warm-up (idle machine): 64 rows in 18 ms, 128 in 40, 256 in 80 (64
     # is the best rate).
     times = policy.TickTimes()
