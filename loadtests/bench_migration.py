@@ -16,7 +16,14 @@ Prints JSON, then the headline line:
   the last stream resumed, plus 1 s) and after it (every stream on the
   target: the load the migration leaves, without one going on), next to
   the servers' `--latency-budget-ms`: "migration under load: none of the
-  residents is delayed past its budget" as a figure.
+  residents is delayed past its budget" as a figure;
+- `resident.*.server`: the same windows as the target measures them
+  (`sl_chunk_latency_seconds`, chunk received until its outputs are
+  written: the span the budget bounds). The residents use the other
+  transport than the moving streams (`--resident-transport`), so the
+  target's histogram of that transport holds the residents alone: the
+  share of their chunks over the budget, and the histogram bucket that
+  holds their p99.
 
     python -m loadtests.bench_migration [--model demo-asr] [--streams 64] [--resident 32]
         [--chunk-ms 20] [--chunk-blocks 1]
@@ -24,6 +31,8 @@ Prints JSON, then the headline line:
 A figure, not a test: on a shared 2-core machine the servers, the clients
 and the compile all compete. The budget is the server's (chunk ready until
 its outputs); client-side latency adds the client's and the sockets' share.
+The server-side figures are read from `/metrics` every `_SCRAPE_S`, so
+each window's edges are that coarse.
 """
 
 from __future__ import annotations
@@ -37,15 +46,18 @@ import math
 import multiprocessing
 import signal
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
-from clients.client import AsyncGrpcClient, Moved, Output
+from clients.client import AsyncGrpcClient, AsyncWebSocketClient, Moved, Output
 from server.defaults import BUILTIN_MODELS
 from server.model import ModelInfo
 from server.runtime import SchedulerConfig
@@ -57,6 +69,12 @@ _WARM_UP_S = 1.0
 _AFTER_RESUME_S = 1.0
 # Width of a bin of the migration's timeline.
 _BIN_S = 0.2
+# How often the target's latency histogram is read: often enough for the
+# windows' edges, seldom enough that rendering /metrics (on the event loop
+# the residents' chunks go through) costs the target next to nothing.
+_SCRAPE_S = 0.2
+# Each door's `transport` label in `sl_chunk_latency_seconds`.
+_LABEL = {"grpc": "grpc", "ws": "websocket"}
 
 
 @dataclasses.dataclass
@@ -71,7 +89,7 @@ class StreamTimes:
 
 
 async def _stream(
-    client: AsyncGrpcClient,
+    client: AsyncGrpcClient | AsyncWebSocketClient,
     info: ModelInfo,
     x: np.ndarray,
     chunk: int,
@@ -112,13 +130,15 @@ async def _stream(
 
 async def _residents(
     target: str,
+    transport: str,
     info: ModelInfo,
     inputs: list[np.ndarray],
     chunk: int,
     period: float,
     server_chunk: int,
 ) -> list[StreamTimes]:
-    client = AsyncGrpcClient(target)
+    """`target`: the target's gRPC address, or its ws:// URL."""
+    client = AsyncGrpcClient(target) if transport == "grpc" else AsyncWebSocketClient(target)
     try:
         return list(
             await asyncio.gather(
@@ -158,6 +178,69 @@ class _ResidentsApart:
         times = [StreamTimes(outputs=o, latencies=lat) for o, lat in self._conn.recv()]
         self._proc.join(10)
         return times
+
+
+class _LatencyScraper:
+    """Reads a server's `sl_chunk_latency_seconds` histogram of one model and
+    transport every `_SCRAPE_S` on a thread: (time, cumulative count per
+    bucket bound) snapshots, from which `window` takes any span's chunks."""
+
+    def __init__(self, http_url: str, model: str, transport: str) -> None:
+        self._url = http_url + "/metrics"
+        self._labels = {"model": model, "transport": transport}
+        self.snapshots: list[tuple[float, dict[float, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> dict[float, float]:
+        text = urllib.request.urlopen(self._url, timeout=10).read().decode()
+        buckets: dict[float, float] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name != "sl_chunk_latency_seconds":
+                continue
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name.endswith("_bucket") and all(
+                    labels.get(k) == v for k, v in self._labels.items()
+                ):
+                    buckets[float(labels["le"])] = sample.value
+        return buckets
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.snapshots.append((time.monotonic(), self._read()))
+            except OSError:
+                pass  # the server is not up yet, or has gone
+            self._stop.wait(_SCRAPE_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def window(self, start: float, end: float, budget_ms: float) -> dict[str, Any]:
+        """The chunks answered between the last snapshot at or before `start`
+        and the first at or after `end`: how many, the share over the
+        smallest bucket bound at or above the budget, and the bound of the
+        bucket that holds the p99."""
+        first = [c for t, c in self.snapshots if t <= start]
+        last = [c for t, c in self.snapshots if t >= end]
+        if not first or not last:
+            return {"count": 0}
+        a, b = first[-1], last[0]
+        delta = {le: b.get(le, 0.0) - a.get(le, 0.0) for le in sorted(b)}
+        total = delta.get(math.inf, 0.0)
+        if not total:
+            return {"count": 0}
+        bound = min(le for le in delta if le * 1000 >= budget_ms)
+        p99 = min(le for le, n in delta.items() if n >= 0.99 * total)
+        return {
+            "count": int(total),
+            "over_ms": round(bound * 1000, 1),
+            "share_over": round(1.0 - delta[bound] / total, 5),
+            "p99_at_most_ms": None if math.isinf(p99) else round(p99 * 1000, 1),
+        }
 
 
 def _percentiles(values: list[float]) -> dict[str, float | int | None]:
@@ -252,6 +335,13 @@ def main() -> None:
         "which delayed the residents' own sends and reads",
     )
     p.add_argument(
+        "--resident-transport",
+        choices=sorted(_LABEL),
+        default="ws",
+        help="the residents' transport; the moving streams use gRPC. With ws, the target's "
+        "WebSocket latency histogram is the residents' alone",
+    )
+    p.add_argument(
         "--restore-bytes-per-tick",
         type=int,
         default=None,
@@ -302,13 +392,22 @@ def main() -> None:
 
             async def run() -> tuple[list[StreamTimes], list[StreamTimes], float, float]:
                 movers = AsyncGrpcClient([source.grpc_target, target.grpc_target])
-                resident_args = (info, resident_inputs, chunk, period, server_chunk)
+                url = target.grpc_target if a.resident_transport == "grpc" else target.ws_url
+                resident_args = (
+                    url,
+                    a.resident_transport,
+                    info,
+                    resident_inputs,
+                    chunk,
+                    period,
+                    server_chunk,
+                )
                 if a.residents_apart:
-                    apart = _ResidentsApart(target.grpc_target, *resident_args)
+                    apart = _ResidentsApart(*resident_args)
                     started = await asyncio.to_thread(apart.started)
                 else:
                     started = time.monotonic()
-                    residents = asyncio.create_task(_residents(target.grpc_target, *resident_args))
+                    residents = asyncio.create_task(_residents(*resident_args))
                 moving = [
                     asyncio.create_task(_stream(movers, info, x, chunk, period, server_chunk))
                     for x in moving_inputs
@@ -324,7 +423,11 @@ def main() -> None:
                 await movers.close()
                 return moved, stayed, started, sigterm
 
-            moved_all, residents, started, sigterm = asyncio.run(run())
+            scraper = _LatencyScraper(target.http_url, a.model, _LABEL[a.resident_transport])
+            try:
+                moved_all, residents, started, sigterm = asyncio.run(run())
+            finally:
+                scraper.stop()
         finally:
             for server in (source, target):
                 if server.proc.poll() is None:
@@ -340,6 +443,15 @@ def main() -> None:
     window_end = (last_resumed if last_resumed is not None else sigterm) + _AFTER_RESUME_S
     moved_end = min((r.outputs[-1] for r in moved if r.outputs), default=window_end)
     resident = _resident_figures(residents, started, sigterm, window_end, moved_end)
+    # gRPC residents share the histogram with the moved streams.
+    if a.resident_transport == "ws":
+        spans = {
+            "before": (started + _WARM_UP_S, sigterm),
+            "during": (sigterm, window_end),
+            "after": (window_end, moved_end),
+        }
+        for name, (t0, t1) in spans.items():
+            resident[name]["server"] = scraper.window(t0, t1, a.latency_budget_ms)
     report = {
         "timeline": _timeline(residents, moved, sigterm, window_end),
         "model": a.model,
@@ -368,6 +480,18 @@ def main() -> None:
         f"budget {a.latency_budget_ms:g} ms); {len(moved)}/{a.streams} moved, "
         f"{a.resident} resident"
     )
+    if "server" in resident["during"]:
+        server = {k: resident[k]["server"] for k in ("before", "during", "after")}
+        print(
+            "resident chunks over the budget, server-side: "
+            + ", ".join(
+                f"{k} {100 * v['share_over']:.2f}% of {v['count']} "
+                f"(p99 <= {v['p99_at_most_ms']} ms)"
+                if v.get("count")
+                else f"{k} -"
+                for k, v in server.items()
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -437,7 +437,8 @@ class Engine:
                 tick, y, y_mask, time.monotonic(), device_seconds
             )
             self._route(deliveries)
-        tick.host_seconds += time.perf_counter() - ready
+            tick.host_seconds += time.perf_counter() - ready
+            self.scheduler.tick_times.observe_host(tick.host_seconds + tick.dispatch_seconds)
         self._record(
             TickStats(
                 self.model.name,

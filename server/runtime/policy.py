@@ -5,8 +5,9 @@ times (tests/server/test_policy.py).
 
 Batching spends a latency budget instead of a fixed delay. A ready chunk
 may wait for company until `budget - expected tick time` after it became
-ready, but only while a stream is *expected* to join: each stream's chunks
-come about periodically, so the next one is predicted from the last. With
+ready (the time of the tick with that company in it), but only while a
+stream is *expected* to join: each stream's chunks come about
+periodically, so the next one is predicted from the last. With
 nobody expected, it waits at most `max_batch_delay_ms` (a lone stream is
 not held back for nothing). While a tick is on the device, partial batches
 wait for it to finish, so under load ticks grow by themselves.
@@ -14,6 +15,7 @@ wait for it to finish, so under load ticks grow by themselves.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import math
@@ -21,11 +23,12 @@ from collections.abc import Callable, Iterable
 
 from server.errors import ResourceExhausted, StreamError, Unavailable
 
-# Exponential averages: weight of the newest measurement.
-_PERIOD_WEIGHT = 0.25
+# Exponential average of tick times: weight of the newest measurement.
 _TICK_WEIGHT = 0.2
 # A stream idle longer than this between chunks has no useful period.
 _MAX_PERIOD_S = 2.0
+# A stream's chunk period is the longest of its last this many intervals.
+PERIOD_INTERVALS = 4
 
 # Admission: refuse new streams while at least this share of real-time
 # chunks missed the budget (waited longer than it allows, less the tick's
@@ -51,22 +54,30 @@ def plan_tick(
     now: float,
     *,
     oldest_ready: float | None,
+    ready: int,
     joinable: int,
     expected: Iterable[float],
     device_busy: bool,
     delay_s: float,
     budget_s: float,
-    tick_estimate_s: float,
+    tick_latency: Callable[[int], float],
 ) -> TickPlan:
     """Whether the ready streams should tick now.
 
     - `oldest_ready`: when the longest-waiting ready chunk became ready
-      (None: nothing is ready).
+      (None: nothing is ready); `ready`: how many the tick would take.
     - `joinable`: open streams that could still join this tick (waiting on
       their client; not those blocked by backpressure).
     - `expected`: when each joinable stream's next chunk is predicted.
     - `device_busy`: a tick is on the device.
-    - `tick_estimate_s`: expected device time of a tick of the ready streams.
+    - `tick_latency(n)`: what a tick of `n` streams adds to their chunks'
+      latency, device and host (`TickTimes.latency`; 0: unknown).
+
+    Company is waited for only if the tick it makes still ends within the
+    budget: the streams that join make the tick longer. Budgeting the tick
+    of the streams ready now, 32 demo-asr streams whose chunks came in
+    together waited for 64 others due 25 ms later, and all 96 went in a
+    tick that ended 55-75 ms after the 32 chunks came in (budget 50 ms).
     """
     if oldest_ready is None:
         return TickPlan(False)
@@ -78,13 +89,18 @@ def plan_tick(
         # The tick in flight ends soon and wakes the engine; meanwhile more
         # streams become ready, so ticks grow with load.
         return TickPlan(False)
-    start_by = oldest_ready + max(delay_s, budget_s - tick_estimate_s)
+    start_by = oldest_ready + max(delay_s, budget_s - tick_latency(ready))
     if now >= start_by:
         return GO
     # A prediction is given `delay_s` of slack: arrivals jitter.
-    coming = [eta for eta in expected if now < eta + delay_s and eta <= start_by]
+    coming = sorted(eta for eta in expected if now < eta + delay_s and eta <= start_by)
     if coming:
-        return TickPlan(False, min(min(coming) + delay_s, start_by) - now)
+        # Wait for the next arrival (the engine plans again when it comes)
+        # if a tick of everyone due by then still makes the budget.
+        joined = bisect.bisect_right(coming, coming[0] + delay_s)
+        start_with = oldest_ready + max(delay_s, budget_s - tick_latency(ready + joined))
+        if coming[0] <= start_with:
+            return TickPlan(False, min(coming[0] + delay_s, start_with) - now)
     go_at = min(oldest_ready + delay_s, start_by)
     if now >= go_at:
         return GO
@@ -151,20 +167,34 @@ def tick_size(
     return best
 
 
+# A resumed stream's chunks are its resent audio for this long after it
+# resumed: the client resends what the old server had not acknowledged,
+# about the move's gap (~0.5 s of demo-asr audio), in a burst.
+RESEND_S = 1.0
+# Such a chunk is due this many budgets after it became ready (any other:
+# one).
+CATCH_UP_BUDGETS = 4
+
+
 def tick_priority(
-    ready_since: float, on_time: bool, now: float, budget_s: float
-) -> tuple[bool, float]:
+    ready_since: float, resumed_at: float | None, now: float, budget_s: float
+) -> float:
     """Sort key of a ready stream when the next tick takes only some of them
-    (`tick_size`): first the streams whose chunk came in on time (it became
-    ready when its input arrived), then those catching up (it was already
-    buffered when their last chunk was taken: a resumed stream's resent
-    audio, a client sending ahead); longest waiting first within each.
-    Moved streams resend up to a second of audio each: taken first as the
-    longest waiting, 64 of them filled the ticks while the 32 streams
-    already on the target waited a tick more (their p99 went from 40 to
-    60-80 ms). A stream catching up that has waited the whole budget goes
-    with the on-time ones, so none waits behind them for ever."""
-    return (not (on_time or now - ready_since >= budget_s), ready_since)
+    (`tick_size`): its deadline, earliest first. A chunk is due a budget
+    after it became ready, so the longest waiting go first: past capacity,
+    streams that fell behind are served before newer chunks (ranked after
+    on-time chunks, their chunks waited seconds: p99 1-1.8 s at 600
+    offered demo-asr streams, against 0.25-0.5 s). The exception is a
+    resumed stream's resent audio (within `RESEND_S` of resuming): it is
+    late anyway, and is due `CATCH_UP_BUDGETS` budgets after, so the
+    streams already running go first. Taken first as the longest waiting,
+    64 moved streams filled the ticks while the 32 streams on the target
+    waited a tick more (their p99 went from 40 to 60-80 ms); given one
+    budget more, resumed streams that had waited 80 ms (their state rows
+    are written a few a tick) still went before 8 of the 32, whose chunks
+    missed the budget. Bounded, so none waits for ever."""
+    resending = resumed_at is not None and now - resumed_at < RESEND_S
+    return ready_since + budget_s * (CATCH_UP_BUDGETS if resending else 1)
 
 
 def restores_within(row_bytes: Iterable[int], budget_bytes: int) -> int:
@@ -184,13 +214,26 @@ def restores_within(row_bytes: Iterable[int], budget_bytes: int) -> int:
     return taken
 
 
-def next_period(period: float | None, interval: float) -> float | None:
-    """A stream's chunk period after one more interval between its chunks."""
+def add_interval(intervals: collections.deque[float], interval: float) -> None:
+    """Records one more interval between a stream's chunks (a deque of at
+    most `PERIOD_INTERVALS`); a gap longer than `_MAX_PERIOD_S` forgets
+    them all (the client paused: its old pace says nothing)."""
     if interval > _MAX_PERIOD_S:
-        return None
-    if period is None:
-        return interval
-    return period + _PERIOD_WEIGHT * (interval - period)
+        intervals.clear()
+    else:
+        intervals.append(interval)
+
+
+def chunk_period(intervals: Iterable[float]) -> float | None:
+    """A stream's chunk period: the longest of its recent intervals (None:
+    none yet). Not an average: a client catching up sends chunks in a
+    burst, and the short intervals of a moved stream resending half a
+    second of audio pulled an average to half the real period for over a
+    second; streams predicted that early were waited for and did not come,
+    and the 32 streams waiting went at the end of their budget, past it
+    once the outputs were written. A period too long only means a stream
+    is not waited for; too short, it is waited for in vain."""
+    return max(intervals, default=None)
 
 
 class TickTimes:
@@ -213,8 +256,15 @@ class TickTimes:
 
     # About half a second of ticks under load.
     STALE_TICKS = 20
+    # What a latency budget allows for a tick's device time, over its
+    # average: the 90th percentile of device time over the estimate was 1.1
+    # (32 rows) to 1.2 (64 rows), demo-asr on a 2-core EPYC.
+    SLACK = 1.2
 
     def __init__(self) -> None:
+        # Host seconds of a tick off the device (staging, launch, fetch,
+        # routing the outputs): an exponential average over all buckets.
+        self.host = 0.0
         self._time: dict[int, float] = {}
         self._warm: dict[int, float] = {}
         self._count: dict[int, int] = {}
@@ -238,6 +288,20 @@ class TickTimes:
         self._seen[bucket] = self._ticks
         self._ticks += 1
         self._update_table()
+
+    def observe_host(self, seconds: float) -> None:
+        old = self.host or seconds
+        self.host = old + _TICK_WEIGHT * (seconds - old)
+
+    def latency(self, bucket: int) -> float:
+        """What a tick of `bucket` adds to a chunk's latency, for the budget:
+        its device time with `SLACK`, plus the host's part (0: unknown).
+        Budgeting the average device time alone, ticks that waited for
+        company to the end of the budget put the chunks that waited
+        longest 2-5 ms past it (device time over its average, then the
+        outputs routed and written)."""
+        seconds = self.estimate(bucket)
+        return self.SLACK * seconds + self.host if seconds > 0 else 0.0
 
     def _fresh(self, bucket: int) -> bool:
         seen = self._seen.get(bucket)

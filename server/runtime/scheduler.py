@@ -260,11 +260,12 @@ class Scheduler:
                 len(ready), self.buckets, self.config.max_streams, self.tick_times.estimate
             )
             if size < len(ready):
-                # A filled bucket: on-time streams first, then the longest
-                # waiting (`policy.tick_priority`).
+                # A filled bucket: earliest deadline first; a resumed
+                # stream's resent audio after the streams running here
+                # (`policy.tick_priority`).
                 budget = self._budget_s
                 ready.sort(
-                    key=lambda s: policy.tick_priority(s.ready_since, s.ready_by_input, now, budget)
+                    key=lambda s: policy.tick_priority(s.ready_since, s.resumed_at, now, budget)
                 )
                 ready = ready[:size]
         oldest = min(s.ready_since for s in ready) if ready else None  # type: ignore[type-var]
@@ -272,12 +273,13 @@ class Scheduler:
         plan = policy.plan_tick(
             now,
             oldest_ready=oldest,
+            ready=len(ready),
             joinable=joinable,
             expected=expected,
             device_busy=device_busy,
             delay_s=self._delay_s,
             budget_s=self._budget_s,
-            tick_estimate_s=self.tick_times.estimate(bucket) if ready else 0.0,
+            tick_latency=self._tick_latency,
         )
         if not plan.go:
             return SchedulerOutput(None, min(wait_s, plan.wait_s), deliveries, moves)
@@ -305,6 +307,10 @@ class Scheduler:
 
     def _bucket(self, n: int) -> int:
         return policy.bucket_for(n, self.buckets, self.config.max_streams)
+
+    def _tick_latency(self, n: int) -> float:
+        """What a tick of `n` streams adds to their chunks' latency."""
+        return self.tick_times.latency(self._bucket(min(n, self.config.max_streams)))
 
     def _stage(
         self, batch: list[Stream], bucket: int, now: float, staging: Callable[[int], Staging]

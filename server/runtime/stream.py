@@ -152,11 +152,15 @@ class Stream:
         # arrival), not left over from a backlog.
         self.ready_by_input = False
         self.opened_at = now
+        # When it resumed a stream another server handed off (None: it did not).
+        self.resumed_at: float | None = None
         self.last_input = now
         self.last_read = now
         self.first_output_at: float | None = None
-        # Chunk period, from the intervals between chunks completed by input.
+        # Chunk period, from the intervals between chunks completed by input
+        # (`policy.chunk_period`).
         self.period: float | None = None
+        self._intervals: deque[float] = deque(maxlen=policy.PERIOD_INTERVALS)
         self._input_ready_at: float | None = None
 
     # Input ----------------------------------------------------------------------
@@ -230,7 +234,8 @@ class Stream:
         self.ready_by_input = by_input
         if by_input:
             if self._input_ready_at is not None:
-                self.period = policy.next_period(self.period, now - self._input_ready_at)
+                policy.add_interval(self._intervals, now - self._input_ready_at)
+                self.period = policy.chunk_period(self._intervals)
             self._input_ready_at = now
         return True
 
@@ -359,6 +364,7 @@ class Stream:
             self._buffer.append((snapshot.buffered_input, now))
             self.buffered = n
         self.restore_state = snapshot.state
+        self.resumed_at = now
         self.needs_reset = False
         if snapshot.ending:
             self.phase = Phase.ENDING

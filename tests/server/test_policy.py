@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 
 import numpy as np
@@ -16,12 +17,13 @@ BUDGET, DELAY = 0.050, 0.005
 def plan(now: float, **kw: object) -> policy.TickPlan:
     args: dict[str, object] = dict(
         oldest_ready=0.0,
+        ready=1,
         joinable=1,
         expected=(),
         device_busy=False,
         delay_s=DELAY,
         budget_s=BUDGET,
-        tick_estimate_s=0.010,
+        tick_latency=lambda n: 0.010,
     )
     args.update(kw)
     return policy.plan_tick(now, **args)  # type: ignore[arg-type]
@@ -65,8 +67,26 @@ def test_expected_company_is_waited_for_within_the_budget() -> None:
 def test_a_slow_tick_leaves_the_short_delay() -> None:
     # Ticks longer than the budget: waiting for company could only add the
     # short delay, not make the budget.
-    p = plan(0.001, expected=(0.004,), tick_estimate_s=0.2)
+    p = plan(0.001, expected=(0.004,), tick_latency=lambda n: 0.2)
     assert not p.go and p.wait_s == pytest.approx(DELAY - 0.001)
+
+
+def test_company_is_waited_for_only_if_the_tick_it_makes_meets_the_budget() -> None:
+    # 32 chunks came in together at 0; 64 more are due at 25 ms. A tick of
+    # 32 takes 13 ms, of 96 takes 29 ms: the 96 could start by 21 ms at the
+    # latest to end within the 50 ms budget. Not waited for: the 32 go at
+    # the delay.
+    tick = lambda n: 0.005 + 0.00025 * n
+    group = (0.025,) * 64
+    p = plan(0.001, ready=32, joinable=64, expected=group, tick_latency=tick)
+    assert not p.go and p.wait_s == pytest.approx(DELAY - 0.001)
+    assert plan(DELAY, ready=32, joinable=64, expected=group, tick_latency=tick).go
+    # Due at 15 ms, the tick of 96 starts at 20 and ends at 49: waited for.
+    p = plan(0.001, ready=32, joinable=64, expected=(0.015,) * 64, tick_latency=tick)
+    assert not p.go and p.wait_s == pytest.approx(0.015 + DELAY - 0.001)
+    # One stream due at 25 ms keeps the tick at 32 rows: waited for.
+    p = plan(0.001, ready=32, joinable=64, expected=(0.025, 0.150), tick_latency=tick)
+    assert not p.go and p.wait_s == pytest.approx(0.025 + DELAY - 0.001)
 
 
 def simulate(streams: int, period: float, seconds: float = 4.0) -> tuple[float, float]:
@@ -76,6 +96,7 @@ def simulate(streams: int, period: float, seconds: float = 4.0) -> tuple[float, 
     due = rng.uniform(0, period, streams)
     ready_at: list[float | None] = [None] * streams
     periods: list[float | None] = [None] * streams
+    history = [collections.deque[float](maxlen=policy.PERIOD_INTERVALS) for _ in range(streams)]
     last: list[float | None] = [None] * streams
     times = policy.TickTimes()
     free_at, now, step = 0.0, 0.0, 0.0002
@@ -85,7 +106,8 @@ def simulate(streams: int, period: float, seconds: float = 4.0) -> tuple[float, 
             if due[i] <= now:
                 ready_at[i] = due[i]
                 if last[i] is not None:
-                    periods[i] = policy.next_period(periods[i], due[i] - last[i])
+                    policy.add_interval(history[i], due[i] - last[i])
+                    periods[i] = policy.chunk_period(history[i])
                 last[i] = due[i]
                 due[i] += period
         ready = [t for t in ready_at if t is not None]
@@ -98,12 +120,13 @@ def simulate(streams: int, period: float, seconds: float = 4.0) -> tuple[float, 
             decision = policy.plan_tick(
                 now,
                 oldest_ready=min(ready),
+                ready=len(ready),
                 joinable=streams - len(ready),
                 expected=expected,
                 device_busy=now < free_at,
                 delay_s=DELAY,
                 budget_s=BUDGET,
-                tick_estimate_s=times.estimate(len(ready)),
+                tick_latency=times.estimate,
             )
             if decision.go and now >= free_at:
                 cost = 0.002 + 0.0001 * len(ready)
@@ -139,12 +162,23 @@ def test_restores_within_a_byte_budget_keep_their_order_and_always_progress() ->
     assert policy.restores_within([], 25) == 0
 
 
-def test_period_follows_intervals_and_forgets_long_gaps() -> None:
-    p = policy.next_period(None, 0.16)
-    assert p == pytest.approx(0.16)
-    p = policy.next_period(p, 0.20)
-    assert p == pytest.approx(0.16 + 0.25 * 0.04)
-    assert policy.next_period(p, 10.0) is None
+def test_period_is_the_longest_recent_interval_and_forgets_long_gaps() -> None:
+    intervals: collections.deque[float] = collections.deque(maxlen=policy.PERIOD_INTERVALS)
+    assert policy.chunk_period(intervals) is None
+    policy.add_interval(intervals, 0.16)
+    assert policy.chunk_period(intervals) == pytest.approx(0.16)
+    # A burst (a moved stream resending its audio) does not shorten it...
+    for _ in range(policy.PERIOD_INTERVALS - 1):
+        policy.add_interval(intervals, 0.01)
+    assert policy.chunk_period(intervals) == pytest.approx(0.16)
+    # ...a pace that lasts does.
+    policy.add_interval(intervals, 0.04)
+    assert policy.chunk_period(intervals) == pytest.approx(0.04)
+    # After a burst the first real-time interval sets it again.
+    policy.add_interval(intervals, 0.16)
+    assert policy.chunk_period(intervals) == pytest.approx(0.16)
+    policy.add_interval(intervals, 10.0)
+    assert policy.chunk_period(intervals) is None
 
 
 def test_tick_times_fall_back_to_a_smaller_bucket() -> None:
@@ -180,6 +214,19 @@ def test_tick_times_scale_buckets_not_run_as_the_nearest_running_one() -> None:
         times.observe(256, 0.200)
     assert times.estimate(256) == pytest.approx(0.200, rel=1e-3)
     assert times.estimate(64) == pytest.approx(0.018 * 2.5, rel=1e-3)
+
+
+def test_tick_latency_allows_for_device_time_over_its_average_and_the_host() -> None:
+    times = policy.TickTimes()
+    assert times.latency(32) == 0.0  # unknown: the plan does not budget it
+    times.seed(32, 0.010)
+    assert times.latency(32) == pytest.approx(times.SLACK * 0.010)
+    times.observe_host(0.003)
+    times.observe_host(0.003)
+    assert times.host == pytest.approx(0.003)
+    assert times.latency(32) == pytest.approx(times.SLACK * 0.010 + 0.003)
+    times.observe_host(0.008)  # a burst of restores: the average follows
+    assert 0.003 < times.host < 0.008
 
 
 def test_tick_times_of_a_bucket_running_now_are_its_own() -> None:
@@ -360,17 +407,24 @@ def test_step_rate_learns_no_capacity_while_the_device_idles() -> None:
     assert rate.capacity == pytest.approx(1000.0)
 
 
-def test_tick_priority_puts_on_time_streams_first_but_not_for_ever() -> None:
+def test_tick_priority_is_the_deadline_resent_audio_a_few_budgets_later() -> None:
     now, budget = 1.0, 0.05
+    just = now - policy.RESEND_S / 2  # resumed lately: resending
     keys = {
-        "on time": policy.tick_priority(0.99, True, now, budget),
-        "behind, waiting longer": policy.tick_priority(0.97, False, now, budget),
-        "behind": policy.tick_priority(0.98, False, now, budget),
-        "behind a whole budget": policy.tick_priority(0.94, False, now, budget),
+        "on time": policy.tick_priority(0.99, None, now, budget),
+        "fell behind, waiting longer": policy.tick_priority(0.97, None, now, budget),
+        "resent, waiting longest": policy.tick_priority(0.95, just, now, budget),
+        "resent, 3 budgets before on time": policy.tick_priority(
+            0.99 - budget * (policy.CATCH_UP_BUDGETS - 1) - 0.001, just, now, budget
+        ),
+        "resumed long ago": policy.tick_priority(0.98, now - policy.RESEND_S, now, budget),
     }
+    # Resent audio goes after on-time chunks until it has waited 3 budgets
+    # longer than them.
     assert sorted(keys, key=keys.__getitem__) == [
-        "behind a whole budget",
+        "fell behind, waiting longer",
+        "resumed long ago",
+        "resent, 3 budgets before on time",
         "on time",
-        "behind, waiting longer",
-        "behind",
+        "resent, waiting longest",
     ]

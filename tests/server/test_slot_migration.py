@@ -149,3 +149,38 @@ def test_a_burst_of_restores_is_written_over_ticks_within_the_byte_budget(
         np.testing.assert_array_equal(joined, x)
     for i, x in enumerate(resident_x):
         np.testing.assert_array_equal(target.output(f"r{i}"), x)
+
+
+def test_a_split_tick_takes_resent_audio_after_the_streams_running_there() -> None:
+    # 8 moved streams resume and resend 3 chunks each; 32 streams already
+    # on the target are on time: a tick of 32 (the cheaper bucket by the
+    # tick times) takes the 32, although the resent chunks waited longer.
+    _, snapshots = _moved_snapshots([np.ones(40, np.float32)] * 8, sent=8)
+    target = Harness(latency=3, max_streams=96, buckets=(32, 64, 96), latency_budget_ms=50)
+    for bucket, seconds in {32: 0.010, 64: 0.040, 96: 0.060}.items():
+        target.scheduler.tick_times.seed(bucket, seconds)
+    resumed = []
+    for snapshot in snapshots:
+        stream, done = target.scheduler.resume(snapshot.stream_id, target.now, snapshot)
+        assert not done
+        target.push(stream, np.ones(12))
+        resumed.append(stream)
+    first = target.step()
+    assert first is not None and len(first.streams) == 8  # their rows written
+    target.now += 0.01
+    running = [target.add(f"r{i}") for i in range(32)]
+    for stream in running:
+        target.push(stream, np.ones(4))
+    tick, _ = target.schedule()
+    assert tick is not None
+    assert {s.stream_id for s in tick.streams} == {s.stream_id for s in running}
+    target.run(tick)
+    # Not for ever: once they have waited `CATCH_UP_BUDGETS - 1` budgets
+    # longer than the on-time chunks they go first (ready at 0, due at 0.2,
+    # before chunks ready at 0.17).
+    target.now = 0.17
+    for stream in running:
+        target.push(stream, np.ones(4))
+    tick, _ = target.schedule()
+    assert tick is not None
+    assert {s.stream_id for s in resumed} <= {s.stream_id for s in tick.streams}
