@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterable
 
 from server.errors import ResourceExhausted, StreamError, Unavailable
 
-# Exponential average of tick times: weight of the newest measurement.
+# Exponential averages: weight of the newest measurement.
+_PERIOD_WEIGHT = 0.25
 _TICK_WEIGHT = 0.2
 # A stream idle longer than this between chunks has no useful period.
 _MAX_PERIOD_S = 2.0
@@ -171,30 +172,36 @@ def tick_size(
 # resumed: the client resends what the old server had not acknowledged,
 # about the move's gap (~0.5 s of demo-asr audio), in a burst.
 RESEND_S = 1.0
-# Such a chunk is due this many budgets after it became ready (any other:
-# one).
+# Such a chunk joins the on-time ones after this many budgets (a stream
+# behind otherwise: one).
 CATCH_UP_BUDGETS = 4
 
 
 def tick_priority(
-    ready_since: float, resumed_at: float | None, now: float, budget_s: float
-) -> float:
+    ready_since: float, on_time: bool, resumed_at: float | None, now: float, budget_s: float
+) -> tuple[bool, float]:
     """Sort key of a ready stream when the next tick takes only some of them
-    (`tick_size`): its deadline, earliest first. A chunk is due a budget
-    after it became ready, so the longest waiting go first: past capacity,
-    streams that fell behind are served before newer chunks (ranked after
-    on-time chunks, their chunks waited seconds: p99 1-1.8 s at 600
-    offered demo-asr streams, against 0.25-0.5 s). The exception is a
-    resumed stream's resent audio (within `RESEND_S` of resuming): it is
-    late anyway, and is due `CATCH_UP_BUDGETS` budgets after, so the
-    streams already running go first. Taken first as the longest waiting,
+    (`tick_size`): first the streams whose chunk came in on time (it became
+    ready when its input arrived), then those behind (it was already
+    buffered when their last chunk was taken: past capacity, or a client
+    sending ahead); longest waiting first within each. A stream behind
+    that has waited a whole budget goes with the on-time ones, so none
+    waits for ever. Earliest deadline first for every stream instead let
+    streams that fell behind past capacity make everyone late together
+    (600 offered demo-asr streams: p99 0.5-0.9 s in most runs, against
+    0.2-0.3 s).
+
+    A resumed stream's chunks within `RESEND_S` of resuming are its resent
+    audio: late anyway, they rank behind, and join the on-time ones only
+    after `CATCH_UP_BUDGETS` budgets. Taken first as the longest waiting,
     64 moved streams filled the ticks while the 32 streams on the target
-    waited a tick more (their p99 went from 40 to 60-80 ms); given one
-    budget more, resumed streams that had waited 80 ms (their state rows
-    are written a few a tick) still went before 8 of the 32, whose chunks
-    missed the budget. Bounded, so none waits for ever."""
+    waited a tick more (their p99 went from 40 to 60-80 ms); after one
+    budget, resumed streams held back by the restore byte budget (80 ms)
+    still went before 8 of the 32, whose chunks missed the budget."""
     resending = resumed_at is not None and now - resumed_at < RESEND_S
-    return ready_since + budget_s * (CATCH_UP_BUDGETS if resending else 1)
+    patience = budget_s * (CATCH_UP_BUDGETS if resending else 1)
+    first = (on_time and not resending) or now - ready_since >= patience
+    return (not first, ready_since)
 
 
 def restores_within(row_bytes: Iterable[int], budget_bytes: int) -> int:
@@ -214,6 +221,16 @@ def restores_within(row_bytes: Iterable[int], budget_bytes: int) -> int:
     return taken
 
 
+def next_period(period: float | None, interval: float) -> float | None:
+    """A stream's average chunk period after one more interval between its
+    chunks: what admission counts it as sending (`predicted_overload`)."""
+    if interval > _MAX_PERIOD_S:
+        return None
+    if period is None:
+        return interval
+    return period + _PERIOD_WEIGHT * (interval - period)
+
+
 def add_interval(intervals: collections.deque[float], interval: float) -> None:
     """Records one more interval between a stream's chunks (a deque of at
     most `PERIOD_INTERVALS`); a gap longer than `_MAX_PERIOD_S` forgets
@@ -225,14 +242,17 @@ def add_interval(intervals: collections.deque[float], interval: float) -> None:
 
 
 def chunk_period(intervals: Iterable[float]) -> float | None:
-    """A stream's chunk period: the longest of its recent intervals (None:
-    none yet). Not an average: a client catching up sends chunks in a
-    burst, and the short intervals of a moved stream resending half a
-    second of audio pulled an average to half the real period for over a
-    second; streams predicted that early were waited for and did not come,
-    and the 32 streams waiting went at the end of their budget, past it
-    once the outputs were written. A period too long only means a stream
-    is not waited for; too short, it is waited for in vain."""
+    """When a stream's next chunk is due, after its last: the longest of its
+    recent intervals (None: none yet). Not the average (`next_period`): a
+    client catching up sends chunks in a burst, and the short intervals of
+    a moved stream resending half a second of audio pulled an average to
+    half the real period for over a second; streams predicted that early
+    were waited for and did not come, and the 32 streams waiting went at
+    the end of their budget, past it once the outputs were written. A
+    period too long only means a stream is not waited for; too short, it
+    is waited for in vain. (Admission keeps the average: past capacity a
+    stream behind is ready by input only now and then, and the longest
+    interval would count it as sending a fraction of its chunks.)"""
     return max(intervals, default=None)
 
 

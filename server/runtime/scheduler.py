@@ -260,12 +260,14 @@ class Scheduler:
                 len(ready), self.buckets, self.config.max_streams, self.tick_times.estimate
             )
             if size < len(ready):
-                # A filled bucket: earliest deadline first; a resumed
-                # stream's resent audio after the streams running here
-                # (`policy.tick_priority`).
+                # A filled bucket: on-time streams first, then the longest
+                # waiting; a resumed stream's resent audio after the
+                # streams running here (`policy.tick_priority`).
                 budget = self._budget_s
                 ready.sort(
-                    key=lambda s: policy.tick_priority(s.ready_since, s.resumed_at, now, budget)
+                    key=lambda s: policy.tick_priority(
+                        s.ready_since, s.ready_by_input, s.resumed_at, now, budget
+                    )
                 )
                 ready = ready[:size]
         oldest = min(s.ready_since for s in ready) if ready else None  # type: ignore[type-var]

@@ -157,9 +157,11 @@ class Stream:
         self.last_input = now
         self.last_read = now
         self.first_output_at: float | None = None
-        # Chunk period, from the intervals between chunks completed by input
-        # (`policy.chunk_period`).
+        # Chunk period, from the intervals between chunks completed by input:
+        # the average (`policy.next_period`), and the longest recent one, for
+        # when the next is due (`policy.chunk_period`).
         self.period: float | None = None
+        self._due_period: float | None = None
         self._intervals: deque[float] = deque(maxlen=policy.PERIOD_INTERVALS)
         self._input_ready_at: float | None = None
 
@@ -234,8 +236,10 @@ class Stream:
         self.ready_by_input = by_input
         if by_input:
             if self._input_ready_at is not None:
-                policy.add_interval(self._intervals, now - self._input_ready_at)
-                self.period = policy.chunk_period(self._intervals)
+                interval = now - self._input_ready_at
+                self.period = policy.next_period(self.period, interval)
+                policy.add_interval(self._intervals, interval)
+                self._due_period = policy.chunk_period(self._intervals)
             self._input_ready_at = now
         return True
 
@@ -276,9 +280,9 @@ class Stream:
     @property
     def expected_at(self) -> float | None:
         """When its next chunk is predicted to be complete (None: unknown)."""
-        if self.period is None or self._input_ready_at is None:
+        if self._due_period is None or self._input_ready_at is None:
             return None
-        return self._input_ready_at + self.period
+        return self._input_ready_at + self._due_period
 
     def take_chunk(self, out: np.ndarray, now: float) -> int:
         """Writes the next chunk into `out [chunk, *c]` (a reused staging row)

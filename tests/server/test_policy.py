@@ -162,6 +162,14 @@ def test_restores_within_a_byte_budget_keep_their_order_and_always_progress() ->
     assert policy.restores_within([], 25) == 0
 
 
+def test_average_period_follows_intervals_and_forgets_long_gaps() -> None:
+    p = policy.next_period(None, 0.16)
+    assert p == pytest.approx(0.16)
+    p = policy.next_period(p, 0.20)
+    assert p == pytest.approx(0.16 + 0.25 * 0.04)
+    assert policy.next_period(p, 10.0) is None
+
+
 def test_period_is_the_longest_recent_interval_and_forgets_long_gaps() -> None:
     intervals: collections.deque[float] = collections.deque(maxlen=policy.PERIOD_INTERVALS)
     assert policy.chunk_period(intervals) is None
@@ -407,24 +415,28 @@ def test_step_rate_learns_no_capacity_while_the_device_idles() -> None:
     assert rate.capacity == pytest.approx(1000.0)
 
 
-def test_tick_priority_is_the_deadline_resent_audio_a_few_budgets_later() -> None:
+def test_tick_priority_puts_on_time_streams_first_and_resent_audio_last() -> None:
     now, budget = 1.0, 0.05
     just = now - policy.RESEND_S / 2  # resumed lately: resending
     keys = {
-        "on time": policy.tick_priority(0.99, None, now, budget),
-        "fell behind, waiting longer": policy.tick_priority(0.97, None, now, budget),
-        "resent, waiting longest": policy.tick_priority(0.95, just, now, budget),
-        "resent, 3 budgets before on time": policy.tick_priority(
-            0.99 - budget * (policy.CATCH_UP_BUDGETS - 1) - 0.001, just, now, budget
+        "on time": policy.tick_priority(0.99, True, None, now, budget),
+        "behind, waiting longer": policy.tick_priority(0.97, False, None, now, budget),
+        "behind": policy.tick_priority(0.98, False, None, now, budget),
+        "behind a whole budget": policy.tick_priority(0.94, False, None, now, budget),
+        "resent, on time, waiting longest": policy.tick_priority(0.93, True, just, now, budget),
+        "resent, waited the catch-up budgets": policy.tick_priority(
+            now - budget * policy.CATCH_UP_BUDGETS - 0.001, False, just, now, budget
         ),
-        "resumed long ago": policy.tick_priority(0.98, now - policy.RESEND_S, now, budget),
+        "resumed long ago, on time": policy.tick_priority(
+            0.985, True, now - policy.RESEND_S, now, budget
+        ),
     }
-    # Resent audio goes after on-time chunks until it has waited 3 budgets
-    # longer than them.
     assert sorted(keys, key=keys.__getitem__) == [
-        "fell behind, waiting longer",
-        "resumed long ago",
-        "resent, 3 budgets before on time",
+        "resent, waited the catch-up budgets",
+        "behind a whole budget",
+        "resumed long ago, on time",
         "on time",
-        "resent, waiting longest",
+        "resent, on time, waiting longest",
+        "behind, waiting longer",
+        "behind",
     ]

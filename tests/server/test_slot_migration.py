@@ -175,10 +175,9 @@ def test_a_split_tick_takes_resent_audio_after_the_streams_running_there() -> No
     assert tick is not None
     assert {s.stream_id for s in tick.streams} == {s.stream_id for s in running}
     target.run(tick)
-    # Not for ever: once they have waited `CATCH_UP_BUDGETS - 1` budgets
-    # longer than the on-time chunks they go first (ready at 0, due at 0.2,
-    # before chunks ready at 0.17).
-    target.now = 0.17
+    # Not for ever: once they have waited `CATCH_UP_BUDGETS` budgets they go
+    # with the on-time chunks, first as the longest waiting.
+    target.now = 0.21
     for stream in running:
         target.push(stream, np.ones(4))
     tick, _ = target.schedule()

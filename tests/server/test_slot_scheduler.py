@@ -464,11 +464,11 @@ def test_engine_stop_ends_open_streams_with_unavailable() -> None:
     asyncio.run(main())
 
 
-def test_a_split_tick_takes_the_chunks_waiting_longest() -> None:
-    # 8 streams behind (each has 3 chunks buffered, as past capacity) and
-    # 32 on time: a tick of 32 (the cheaper bucket by the tick times) takes
-    # the 8 that have waited longer first. (A resumed stream's resent audio
-    # goes after the on-time chunks: test_slot_migration.)
+def test_a_split_tick_takes_on_time_streams_before_those_catching_up() -> None:
+    # 8 streams catching up (each sent 3 chunks at once, as a moved stream
+    # resends its unacknowledged audio) and 32 on time: a tick of 32 (the
+    # cheaper bucket by the tick times) takes the 32 on time; the others go
+    # next tick, although they have been ready longer.
     h = Harness(max_streams=96, buckets=(32, 64, 96), latency_budget_ms=50)
     for bucket, seconds in {32: 0.010, 64: 0.040, 96: 0.060}.items():
         h.scheduler.tick_times.seed(bucket, seconds)
@@ -482,5 +482,13 @@ def test_a_split_tick_takes_the_chunks_waiting_longest() -> None:
     for s in on_time:
         h.push(s, np.ones(4))
     tick, _ = h.schedule()
-    assert tick is not None and len(tick.streams) == 32
-    assert {s.stream_id for s in behind} <= {s.stream_id for s in tick.streams}
+    assert tick is not None
+    assert {s.stream_id for s in tick.streams} == {s.stream_id for s in on_time}
+    h.run(tick)
+    # Catching up, they still go within a budget: next tick here, and first
+    # once they have waited the whole budget.
+    h.now += 0.06
+    for s in on_time:
+        h.push(s, np.ones(4))
+    tick, _ = h.schedule()
+    assert tick is not None and {s.stream_id for s in behind} <= {s.stream_id for s in tick.streams}
