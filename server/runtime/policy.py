@@ -276,6 +276,12 @@ class TickTimes:
 
     # About half a second of ticks under load.
     STALE_TICKS = 20
+    # `latency` allows for the slack and the host only while the device is
+    # busy less than this share of the time (`StepRate.busy_share`).
+    # Nearer saturation ticks must stay large for the device to keep up:
+    # with the margins there, ticks shrank and fell behind (600 offered
+    # demo-asr streams: p99 0.7-1.1 s in most runs, 0.26-0.39 s without).
+    ROOM_SHARE = 0.7
     # What a latency budget allows for a tick's device time, over its
     # average: the 90th percentile of device time over the estimate was 1.1
     # (32 rows) to 1.2 (64 rows), demo-asr on a 2-core EPYC.
@@ -313,15 +319,19 @@ class TickTimes:
         old = self.host or seconds
         self.host = old + _TICK_WEIGHT * (seconds - old)
 
-    def latency(self, bucket: int) -> float:
+    def latency(self, bucket: int, busy_share: float = 0.0) -> float:
         """What a tick of `bucket` adds to a chunk's latency, for the budget:
-        its device time with `SLACK`, plus the host's part (0: unknown).
+        its device time with `SLACK`, plus the host's part (0: unknown);
+        with the device busy `ROOM_SHARE` of the time or more, its device
+        time alone.
         Budgeting the average device time alone, ticks that waited for
         company to the end of the budget put the chunks that waited
         longest 2-5 ms past it (device time over its average, then the
         outputs routed and written)."""
         seconds = self.estimate(bucket)
-        return self.SLACK * seconds + self.host if seconds > 0 else 0.0
+        if seconds <= 0 or busy_share >= self.ROOM_SHARE:
+            return seconds
+        return self.SLACK * seconds + self.host
 
     def _fresh(self, bucket: int) -> bool:
         seen = self._seen.get(bucket)

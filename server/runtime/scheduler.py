@@ -312,7 +312,8 @@ class Scheduler:
 
     def _tick_latency(self, n: int) -> float:
         """What a tick of `n` streams adds to their chunks' latency."""
-        return self.tick_times.latency(self._bucket(min(n, self.config.max_streams)))
+        bucket = self._bucket(min(n, self.config.max_streams))
+        return self.tick_times.latency(bucket, self.steps.busy_share())
 
     def _stage(
         self, batch: list[Stream], bucket: int, now: float, staging: Callable[[int], Staging]

@@ -233,6 +233,8 @@ def test_tick_latency_allows_for_device_time_over_its_average_and_the_host() -> 
     times.observe_host(0.003)
     assert times.host == pytest.approx(0.003)
     assert times.latency(32) == pytest.approx(times.SLACK * 0.010 + 0.003)
+    # A device busy most of the time: ticks must stay large, no margins.
+    assert times.latency(32, busy_share=times.ROOM_SHARE) == pytest.approx(0.010)
     times.observe_host(0.008)  # a burst of restores: the average follows
     assert 0.003 < times.host < 0.008
 
