@@ -168,9 +168,7 @@ def test_a_split_tick_takes_resent_audio_after_the_streams_running_there() -> No
     first = target.step()
     assert first is not None and len(first.streams) == 8  # their rows written
     target.now += 0.01
-    running = [target.add(f"r{i}") for i in range(32)]
-    for stream in running:
-        target.push(stream, np.ones(4))
+    running = target.add_ready("r", 32)
     tick, _ = target.schedule()
     assert tick is not None
     assert {s.stream_id for s in tick.streams} == {s.stream_id for s in running}

@@ -50,6 +50,13 @@ class Harness:
     def push(self, stream: Stream, x: Any) -> bool:
         return self.scheduler.push(stream, np.asarray(x, np.float32).reshape(-1, 1), self.now)
 
+    def add_ready(self, prefix: str, n: int, frames: int = 4) -> list[Stream]:
+        """`n` new streams, each sent `frames` frames now."""
+        streams = [self.add(f"{prefix}{i}") for i in range(n)]
+        for stream in streams:
+            self.push(stream, np.ones(frames))
+        return streams
+
     def collect(self, deliveries: list[tuple[Stream, Any]]) -> None:
         for stream, item in deliveries:
             self.items.setdefault(stream.stream_id, []).append(item)
@@ -478,9 +485,7 @@ def test_a_split_tick_takes_on_time_streams_before_those_catching_up() -> None:
     first = h.step()
     assert first is not None and len(first.streams) == 8
     h.now += 0.01
-    on_time = [h.add(f"r{i}") for i in range(32)]
-    for s in on_time:
-        h.push(s, np.ones(4))
+    on_time = h.add_ready("r", 32)
     tick, _ = h.schedule()
     assert tick is not None
     assert {s.stream_id for s in tick.streams} == {s.stream_id for s in on_time}
