@@ -252,23 +252,14 @@ def _percentiles(values: list[float]) -> dict[str, float | int | None]:
 
 
 def _resident_figures(
-    residents: list[StreamTimes],
-    started: float,
-    sigterm: float,
-    window_end: float,
-    moved_end: float,
+    residents: list[StreamTimes], spans: dict[str, tuple[float, float]]
 ) -> dict[str, Any]:
-    """Chunk latency and output gaps of the residents, before, during and
-    after the migration (after: until the first moved stream ends, so every
-    stream is still on the target: the same load without a migration going
-    on, to tell the migration's share from that of the load it brings)."""
-    before = lambda t: started + _WARM_UP_S <= t < sigterm
-    during = lambda t: sigterm <= t <= window_end
-    after = lambda t: window_end < t <= moved_end
+    """Chunk latency and output gaps of the residents in each of `spans`
+    (name: [start, end) of arrival times)."""
     figures: dict[str, Any] = {}
-    for name, keep in (("before", before), ("during", during), ("after", after)):
-        latencies = [lat for r in residents for t, lat in r.latencies if keep(t)]
-        gaps = [b - a for r in residents for a, b in itertools.pairwise(r.outputs) if keep(b)]
+    for name, (t0, t1) in spans.items():
+        latencies = [lat for r in residents for t, lat in r.latencies if t0 <= t < t1]
+        gaps = [b - a for r in residents for a, b in itertools.pairwise(r.outputs) if t0 <= b < t1]
         figures[name] = {"latency_ms": _percentiles(latencies), "gap_ms": _percentiles(gaps)}
     return figures
 
@@ -442,14 +433,17 @@ def main() -> None:
     last_resumed = max((r.moved_at for r in moved if r.moved_at is not None), default=None)
     window_end = (last_resumed if last_resumed is not None else sigterm) + _AFTER_RESUME_S
     moved_end = min((r.outputs[-1] for r in moved if r.outputs), default=window_end)
-    resident = _resident_figures(residents, started, sigterm, window_end, moved_end)
+    # After: until the first moved stream ends, so every stream is still on
+    # the target: the same load without a migration going on, to tell the
+    # migration's share from that of the load it brings.
+    spans = {
+        "before": (started + _WARM_UP_S, sigterm),
+        "during": (sigterm, window_end),
+        "after": (window_end, moved_end),
+    }
+    resident = _resident_figures(residents, spans)
     # gRPC residents share the histogram with the moved streams.
     if a.resident_transport == "ws":
-        spans = {
-            "before": (started + _WARM_UP_S, sigterm),
-            "during": (sigterm, window_end),
-            "after": (window_end, moved_end),
-        }
         for name, (t0, t1) in spans.items():
             resident[name]["server"] = scraper.window(t0, t1, a.latency_budget_ms)
     report = {

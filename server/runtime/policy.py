@@ -15,7 +15,6 @@ wait for it to finish, so under load ticks grow by themselves.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import math
@@ -95,14 +94,15 @@ def plan_tick(
     if now >= start_by:
         return GO
     # A prediction is given `delay_s` of slack: arrivals jitter.
-    coming = sorted(eta for eta in expected if now < eta + delay_s and eta <= start_by)
+    coming = [eta for eta in expected if now < eta + delay_s and eta <= start_by]
     if coming:
         # Wait for the next arrival (the engine plans again when it comes)
         # if a tick of everyone due by then still makes the budget.
-        joined = bisect.bisect_right(coming, coming[0] + delay_s)
+        first = min(coming)
+        joined = sum(eta <= first + delay_s for eta in coming)
         start_with = oldest_ready + max(delay_s, budget_s - tick_latency(ready + joined))
-        if coming[0] <= start_with:
-            return TickPlan(False, min(coming[0] + delay_s, start_with) - now)
+        if first <= start_with:
+            return TickPlan(False, min(first + delay_s, start_with) - now)
     go_at = min(oldest_ready + delay_s, start_by)
     if now >= go_at:
         return GO

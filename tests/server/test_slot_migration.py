@@ -154,7 +154,9 @@ def test_a_burst_of_restores_is_written_over_ticks_within_the_byte_budget(
 def test_a_split_tick_takes_resent_audio_after_the_streams_running_there() -> None:
     # 8 moved streams resume and resend 3 chunks each; 32 streams already
     # on the target are on time: a tick of 32 (the cheaper bucket by the
-    # tick times) takes the 32, although the resent chunks waited longer.
+    # tick times) takes the 32, although the resent chunks have waited 80
+    # ms, more than the budget after which a stream fallen behind goes
+    # first (`test_a_split_tick_takes_on_time_streams_before_those_catching_up`).
     _, snapshots = _moved_snapshots([np.ones(40, np.float32)] * 8, sent=8)
     target = Harness(latency=3, max_streams=96, buckets=(32, 64, 96), latency_budget_ms=50)
     for bucket, seconds in {32: 0.010, 64: 0.040, 96: 0.060}.items():
@@ -167,7 +169,7 @@ def test_a_split_tick_takes_resent_audio_after_the_streams_running_there() -> No
         resumed.append(stream)
     first = target.step()
     assert first is not None and len(first.streams) == 8  # their rows written
-    target.now += 0.01
+    target.now = 0.08
     running = target.add_ready("r", 32)
     tick, _ = target.schedule()
     assert tick is not None
