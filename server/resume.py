@@ -273,8 +273,9 @@ class StreamSnapshot:
     # `[n, *input_shape]`: received, not yet stepped (model input dtype).
     buffered_input: np.ndarray
     # The stream's row of the state pytree, leaves in `jax.tree.leaves` order,
-    # without the slot axis.
-    state: tuple[np.ndarray, ...]
+    # without the slot axis: host arrays, or once a resuming server verified
+    # the token, that server's device arrays (`Engine.verify`).
+    state: tuple[Any, ...]
     # The client sent `end`: the flush of the model's latency is under way.
     ending: bool = False
     # Invalid frames still to feed when ending.

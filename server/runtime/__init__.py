@@ -16,8 +16,10 @@ One responsibility a module:
 
 Stream migration (DESIGN.md section 8): with `resume_keys`, a stream opens
 from a `resume_token` (its state row written into a free slot instead of a
-reset; `resume_stream` checks the token off the event loop, and a burst of
-rows is written over ticks, `restore_bytes_per_tick` at a time), and
+reset; `resume_stream` checks the token and puts its row on the device off
+the event loop, a burst of rows is written over ticks,
+`restore_bytes_per_tick` at a time, and resent audio never delays a tick of
+chunks on time), and
 `move_streams` hands every open stream off: once its ticks in
 flight are delivered, its row comes to the host and it ends with `Moved`
 (a signed token) instead of `Ended`.
@@ -189,9 +191,10 @@ class Runtime:
         self, model: str, resume_token: bytes, stream_id: str | None = None
     ) -> StreamHandle:
         """`open_stream` with `resume_token`, for the doors: the token is
-        verified and decoded on a worker thread, so the event loop goes on
-        serving other streams meanwhile; the stream is admitted back on the
-        loop. Raises as `open_stream` does."""
+        verified and decoded, and its state row put on the device, on a
+        worker thread, so the event loop goes on serving other streams
+        meanwhile; the stream is admitted back on the loop. Raises as
+        `open_stream` does."""
         engine = self._engine(model)
         loop = asyncio.get_running_loop()
         snapshot = await loop.run_in_executor(self._verify_pool, engine.verify, resume_token)

@@ -11,6 +11,8 @@ its state for every slot, and the calls that start and fetch a tick.
   A full tick (every slot, in slot order) steps the donated state as is.
 - New streams' slots are reset to the initial state by a separate program,
   one in-place row write per stream, rather than a select in every tick.
+  The same program writes a resumed stream's row from its token, put on
+  the device when the token was verified (`put_row`, off the tick thread).
 """
 
 from __future__ import annotations
@@ -101,15 +103,19 @@ class Device:
         self.padding_slot = self.rows
         self._init_one = jax.tree.map(jnp.asarray, init(1))
         sharding: Any = None
+        # Where one stream's row goes before it is written into its slot.
+        self._row_sharding: Any = None
         if n_dev == 1 and self.config.device:
             single = jax.sharding.SingleDeviceSharding(devices[0])
             sharding = jax.tree.map(lambda _: single, self._batch_axes)
+            self._row_sharding = single
         if n_dev > 1:
             mesh = Mesh(np.array(devices[:n_dev]), ("slots",))
             sharding = jax.tree.map(
                 lambda ax: NamedSharding(mesh, PartitionSpec(*([None] * ax), "slots")),
                 self._batch_axes,
             )
+            self._row_sharding = NamedSharding(mesh, PartitionSpec())
         # The state and the variables cross every device call as flat lists
         # of leaves: flattening their nested dicts on each call cost a
         # quarter of the call's host time.
@@ -145,7 +151,9 @@ class Device:
           tick is the three, one after another.
         - `partial`: the same three as one program, for sharded slots.
         - `full` (variables, state, x, lengths): every slot, in slot order.
-        - `reset` (state, slot): one slot back to the initial state.
+        - `write` (state, slot, row): one stream's row (leaves without the
+          slot axis) into its slot: a new stream's initial row, or a
+          resumed stream's.
 
         Why a partial tick is three programs: compiled as one, XLA:CPU lays
         out the gathered rows to suit the step's dots and then copies the
@@ -154,7 +162,7 @@ class Device:
         parameter in the default layout, as in the bare step (29.6 ms), and
         the gather and scatter are plain copies of the rows (a few ms).
         """
-        program, axes, init_one = self.program, self._batch_axes, self._init_one
+        program, axes = self.program, self._batch_axes
         n, rows = self.config.max_streams, self.rows
         frame_index = jnp.arange(self.chunk_frames, dtype=jnp.int32)
 
@@ -205,13 +213,11 @@ class Device:
             )
             return state, y, y_mask
 
-        def reset_slot(state, slot):  # type: ignore[no-untyped-def]
-            return jax.tree.map(
-                lambda a, i, ax: jax.lax.dynamic_update_slice_in_dim(a, i, slot, axis=ax),
-                state,
-                init_one,
-                axes,
-            )
+        def write_slot(state_leaves, slot, row_leaves):  # type: ignore[no-untyped-def]
+            return [
+                jax.lax.dynamic_update_slice_in_dim(a, jnp.expand_dims(r, ax), slot, axis=ax)
+                for a, r, ax in zip(state_leaves, row_leaves, self._axes, strict=True)
+            ]
 
         var_def, state_def = self._var_def, self._state_def
         self._read_row = lambda leaves, slot: [
@@ -247,7 +253,7 @@ class Device:
             "scatter": scatter_leaves,
             "partial": on_leaves(partial_tick),
             "full": on_leaves(full_tick),
-            "reset": state_fn(reset_slot),
+            "write": write_slot,
         }
 
     def compile(self, stopping: Callable[[], bool] = lambda: False) -> bool:
@@ -272,7 +278,7 @@ class Device:
         rows_step = jax.jit(fns["rows"], donate_argnums=(1,))
         scatter = jax.jit(fns["scatter"], donate_argnums=(0,), out_shardings=self._state_sharding)
         full = jax.jit(fns["full"], donate_argnums=(1,), out_shardings=out)
-        reset = jax.jit(fns["reset"], donate_argnums=(0,), out_shardings=self._state_sharding)
+        write = jax.jit(fns["write"], donate_argnums=(0,), out_shardings=self._state_sharding)
 
         def rows_spec(b: int) -> list[jax.ShapeDtypeStruct]:
             return [
@@ -316,10 +322,13 @@ class Device:
         if not full_is_rows:
             lower("full", full, self._var_leaves, self.state, x_spec(n), ids_spec(n))
         slot_spec = jax.ShapeDtypeStruct((), jnp.int32)
-        lower("reset", reset, self.state, slot_spec)
-        # Stream migration: one slot's row to the host (hand-off). Rows from
-        # resume tokens go in through the bucket's scatter (`write_rows`).
-        # Compiled with the rest so the first resumed stream pays no compile.
+        row_spec = [
+            jax.ShapeDtypeStruct(shape, dtype, sharding=self._row_sharding)
+            for shape, dtype in self.row_layout
+        ]
+        lower("write", write, self.state, slot_spec, row_spec)
+        # Stream migration: one slot's row to the host (hand-off). Compiled
+        # with the rest so the first moving stream pays no compile.
         lower("read_row", jax.jit(self._read_row), self.state, slot_spec)
 
         seconds: dict[Any, float] = {}
@@ -343,7 +352,8 @@ class Device:
             self._compiled = {b: compiled[b, "partial"] for b in self.buckets}
         self._scatter = {b: compiled[b, "scatter"] for b in self.buckets}
         self._full = compiled[n, "rows"] if full_is_rows else compiled["full"]
-        self._reset = compiled["reset"]
+        self._write = compiled["write"]
+        self._initial = list(self.put_row(self.initial_row()))
         self._read = compiled["read_row"]
         # The metric has one figure per bucket (its programs together) and
         # one "full" for the full tick and the slot programs.
@@ -423,40 +433,33 @@ class Device:
         if not self.sharded:
             self._free_staging.setdefault(staged.x.shape[0], []).append(staged)
 
+    def put_row(self, row: tuple[Any, ...]) -> tuple[jax.Array, ...]:
+        """One stream's state row (host leaves) on the device, ready for
+        `write_rows`. Any thread may call it: the doors do, for a resumed
+        stream's row, on the thread that verified its token.
+
+        Why not on the tick thread: copying rows there (numpy into a
+        bucket's stacked arrays, or jax's transfer of host leaves) gives up
+        and takes back the GIL for every leaf; with a door's event loop
+        busy, each take waits out the switch interval. 8 demo-asr rows
+        (36 leaves each) took 1.2 ms alone and 240 ms next to a busy
+        Python thread, and 15-37 ms in the ticks of a migration burst,
+        while the streams running there waited."""
+        return tuple(jax.device_put(list(row), self._row_sharding))
+
     def reset_slots(self, slots: list[int]) -> None:
         """Puts new streams' slots back to the initial state."""
         for slot in slots:
-            self.state = self._reset(self.state, np.int32(slot))
+            self.state = self._write(self.state, np.int32(slot), self._initial)
 
-    def write_rows(self, rows: list[tuple[int, tuple[np.ndarray, ...]]]) -> None:
-        """Puts resumed streams' state rows (from their tokens) into their
-        slots, in place of the reset a new stream gets: one device call for
-        all of them (a tick's restores never exceed a bucket), the scatter of
-        a partial tick on the rows padded to a bucket. One call per row made
-        the tick that first steps them wait for every row's call and
-        transfer, and every other stream in that tick with it. How many
-        rows a tick writes is the scheduler's (`restore_bytes_per_tick`)."""
-        largest = self.buckets[-1]
-        for start in range(0, len(rows), largest):
-            part = rows[start : start + largest]
-            bucket = next(b for b in self.buckets if b >= len(part))
-            slot_ids = np.full((bucket,), self.padding_slot, np.int32)
-            slot_ids[: len(part)] = [slot for slot, _ in part]
-            stacked = []
-            for leaf, ((shape, dtype), ax) in enumerate(
-                zip(self.row_layout, self._axes, strict=True)
-            ):
-                # The state's layout: the bucket at the leaf's slot axis.
-                # Aligned, so the CPU runtime reads it in place, not a copy
-                # (64 demo-asr rows are 32 MB).
-                values = aligned_zeros((*shape[:ax], bucket, *shape[ax:]), dtype)
-                rows_first = np.moveaxis(values, ax, 0)
-                # Row by row: assigning the list would stack it into a
-                # temporary array first, a second copy of every byte.
-                for i, (_, row) in enumerate(part):
-                    rows_first[i] = row[leaf]
-                stacked.append(values)
-            self.state = self._scatter[bucket](self.state, slot_ids, stacked)
+    def write_rows(self, rows: list[tuple[int, tuple[Any, ...]]]) -> None:
+        """Puts resumed streams' state rows into their slots, in place of
+        the reset a new stream gets: one device call a row, on rows
+        `put_row` put on the device already (host rows work too, with their
+        transfer on this thread). How many rows a tick writes is the
+        scheduler's (`restore_bytes_per_tick`)."""
+        for slot, row in rows:
+            self.state = self._write(self.state, np.int32(slot), list(row))
 
     def read_row(self, slot: int) -> tuple[np.ndarray, ...]:
         """One slot's state row on the host (a moving stream's, for its

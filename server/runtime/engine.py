@@ -18,6 +18,7 @@ do the clients' reads (counted on the stream without the lock).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import os
 import threading
@@ -76,7 +77,8 @@ class DeviceRunner(Protocol):
     def staging(self, bucket: int) -> Staging: ...
     def recycle(self, staged: Staging) -> None: ...
     def reset_slots(self, slots: list[int]) -> None: ...
-    def write_rows(self, rows: list[tuple[int, tuple[np.ndarray, ...]]]) -> None: ...
+    def put_row(self, row: tuple[Any, ...]) -> tuple[Any, ...]: ...
+    def write_rows(self, rows: list[tuple[int, tuple[Any, ...]]]) -> None: ...
     def read_row(self, slot: int) -> tuple[np.ndarray, ...]: ...
     def initial_row(self) -> tuple[np.ndarray, ...]: ...
     def dispatch(self, slot_ids: np.ndarray, x: np.ndarray, lengths: np.ndarray) -> Any: ...
@@ -240,7 +242,9 @@ class Engine:
                 f"resume token's buffered input is {buffered.shape[1:]} {buffered.dtype}; model "
                 f"{self.model.name!r} takes {tuple(spec.shape)} {np.dtype(spec.dtype)}."
             )
-        return snapshot
+        # Its row goes to the device here, on the verifying thread, not on
+        # the tick thread that writes it into its slot (`Device.put_row`).
+        return dataclasses.replace(snapshot, state=self.device.put_row(snapshot.state))
 
     def sign(self, snapshot: StreamSnapshot) -> bytes:
         """A moving stream's token (on its door's loop); TokenTooLarge if it
@@ -397,7 +401,7 @@ class Engine:
         for stream in streams:
             try:
                 if stream.restore_state is not None:  # resumed, never stepped here
-                    rows.append(stream.restore_state)
+                    rows.append(tuple(np.asarray(leaf) for leaf in stream.restore_state))
                 elif stream.needs_reset:  # never stepped: its slot holds another's state
                     rows.append(self.device.initial_row())
                 else:

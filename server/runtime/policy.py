@@ -204,6 +204,32 @@ def tick_priority(
     return (not first, ready_since)
 
 
+def resent_waits(ready_since: float, resumed_at: float | None, now: float, budget_s: float) -> bool:
+    """Whether a ready stream's chunk is resent audio that still ranks behind
+    (`tick_priority`): it rides in a tick of the streams running here only
+    on rows their bucket pads anyway (`Scheduler.schedule`)."""
+    return (
+        resumed_at is not None
+        and now - resumed_at < RESEND_S
+        and now - ready_since < budget_s * CATCH_UP_BUDGETS
+    )
+
+
+def resent_yields(
+    now: float, expected: Iterable[float], tick_end: float, delay_s: float
+) -> float | None:
+    """How long a tick of resent audio alone waits (None: it goes now). While
+    a chunk on time is due (`expected`, `Stream.expected_at`) before that
+    tick would end (`tick_end`), the tick waits for it: the resent chunks
+    then ride on the padding of its tick, or go right after it. A chunk
+    `delay_s` past its prediction is no longer waited for, and resent audio
+    is held at most `CATCH_UP_BUDGETS` budgets in all (`resent_waits`)."""
+    due = [eta for eta in expected if now < eta + delay_s and eta < tick_end]
+    if not due:
+        return None
+    return min(due) + delay_s - now
+
+
 def restores_within(row_bytes: Iterable[int], budget_bytes: int) -> int:
     """How many resumed streams, in the order given (longest waiting first),
     have their state rows written in the next tick: the longest prefix whose

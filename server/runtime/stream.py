@@ -128,7 +128,7 @@ class Stream:
         # A resumed stream's state row: written into its slot in the tick
         # that first steps it (the scheduler spreads a burst of them over
         # ticks; until then the stream buffers its input).
-        self.restore_state: tuple[np.ndarray, ...] | None = None
+        self.restore_state: tuple[Any, ...] | None = None
         # The server drains: no more ticks; once none is in flight, it moves.
         self.moving = False
         # Client samples not yet stepped, with the time each piece arrived.

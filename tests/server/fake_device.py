@@ -105,6 +105,9 @@ class FakeDevice:
     def read_row(self, slot: int) -> tuple[np.ndarray, ...]:
         return self.frames[slot].copy(), self.valid[slot].copy()
 
+    def put_row(self, row: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+        return row
+
     def write_rows(self, rows: list[tuple[int, tuple[np.ndarray, ...]]]) -> None:
         for slot, (frames, valid) in rows:
             self.frames[slot], self.valid[slot] = frames, valid

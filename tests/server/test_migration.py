@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import jax
 import numpy as np
 import pytest
 
@@ -230,7 +231,10 @@ def test_resume_stream_checks_the_token_off_the_event_loop(
     def verify_after_the_loop_ran(token: bytes) -> resume.StreamSnapshot:
         checked_on.append(threading.current_thread().name)
         assert loop_ran.wait(10), "the event loop was blocked while the token was checked"
-        return verify(token)
+        snapshot = verify(token)
+        # Its row went to the device here too, not on the tick thread.
+        assert all(isinstance(leaf, jax.Array) for leaf in snapshot.state)
+        return snapshot
 
     monkeypatch.setattr(engine, "verify", verify_after_the_loop_ran)
 
@@ -251,6 +255,43 @@ def test_resume_stream_checks_the_token_off_the_event_loop(
     asyncio.run(run())
     assert [name.startswith("resume-verify") for name in checked_on] == [True, True]
     assert second.active_streams == 0
+
+
+def test_a_resumed_stream_moves_again_before_its_first_step(
+    replicas: tuple[Runtime, Runtime],
+) -> None:
+    """A stream resumed on B moves on before B ever steps it (its row still
+    the token's, on B's device): its next token carries that row, and the
+    stream finishes on A exactly as offline."""
+    first, second = replicas
+    x = np.random.default_rng(5).normal(size=(30, 2)).astype(np.float32)
+
+    async def run() -> tuple[np.ndarray, int]:
+        outputs: dict[int, np.ndarray] = {}
+        handle = first.open_stream("asr")
+        handle.send(x[:9])
+        await asyncio.sleep(0.01)
+        first.engines["asr"].move_streams()
+        moved = await _collect(handle, outputs)
+        handle.cancel()
+        assert isinstance(moved, Moved)
+        resumed = await second.resume_stream("asr", moved.resume_token)
+        ticks = second.engines["asr"].scheduler.ticks
+        second.engines["asr"].move_streams()
+        again = await _collect(resumed, outputs)
+        resumed.cancel()
+        assert isinstance(again, Moved) and again.frames_received == 9
+        stepped_on_b = second.engines["asr"].scheduler.ticks - ticks
+        last = first.open_stream("asr", resume_token=again.resume_token)
+        last.send(x[9:])
+        last.end()
+        assert isinstance(await _collect(last, outputs), Ended)
+        last.cancel()
+        return _joined(outputs), stepped_on_b
+
+    y, stepped_on_b = asyncio.run(run())
+    assert stepped_on_b == 0
+    testing.assert_allclose(y, first.engines["asr"].model.offline(x), atol=1e-5, rtol=1e-5)
 
 
 def test_a_token_too_large_ends_the_stream_as_without_keys(
@@ -366,14 +407,14 @@ class TickLog:
 
         def counted(program: Any) -> Any:
             def call(*args: Any) -> Any:
-                # The scatter is also a partial tick's last program: only
-                # the calls `write_rows` makes are writes of resumed rows.
+                # The program also resets new streams' slots: only the
+                # calls `write_rows` makes are writes of resumed rows.
                 self._write_calls += self._writing
                 return program(*args)
 
             return call
 
-        self._device._scatter = {b: counted(p) for b, p in self._device._scatter.items()}
+        self._device._write = counted(self._device._write)
 
     def write_rows(self, rows: list[tuple[int, tuple[np.ndarray, ...]]]) -> None:
         self.write_threads.add(threading.current_thread().name)
@@ -406,7 +447,7 @@ def test_64_streams_move_into_a_replica_where_32_keep_running() -> None:
     32 resident streams run on B. B's first tick is held while the 64 resume,
     so all 64 are waiting for their rows at once, the worst case: their rows
     are written over the next ticks, at most `restore_bytes_per_tick` (10
-    rows here) a tick in one device call each, every row once and in the
+    rows here) a tick, one device call a row, every row once and in the
     tick that first steps its stream; every resident is stepped in every
     tick from its first chunk to its last. Every output == offline."""
     model = _asr_like()
@@ -507,9 +548,9 @@ def test_64_streams_move_into_a_replica_where_32_keep_running() -> None:
     assert sorted(all_restored) == sorted(resumed_slots)  # each row once
     for i, restored in zip(restoring, restored_each, strict=True):
         stepped, _, write_calls = log.ticks[i]
-        # One device call per tick, on the tick thread (never on a door's
+        # One device call per row, on the tick thread (never on a door's
         # loop under the engine lock), in the tick that first steps them.
-        assert write_calls == 1
+        assert write_calls == len(restored)
         assert set(restored) <= stepped
         earlier = set().union(*(s for s, _, _ in log.ticks[:i]))
         assert not earlier & set(restored), "a resumed stream stepped before its row was written"

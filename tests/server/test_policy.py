@@ -417,6 +417,17 @@ def test_step_rate_learns_no_capacity_while_the_device_idles() -> None:
     assert rate.capacity == pytest.approx(1000.0)
 
 
+def test_resent_audio_yields_to_chunks_on_time_due_before_its_tick_ends() -> None:
+    # Due after the tick would end, or none due: it goes now.
+    assert policy.resent_yields(1.0, [1.02, 1.5], tick_end=1.01, delay_s=0.005) is None
+    assert policy.resent_yields(1.0, [], tick_end=1.01, delay_s=0.005) is None
+    # Due within it: wait for the first, with the prediction's slack.
+    assert policy.resent_yields(1.0, [1.5, 1.008, 1.009], 1.01, 0.005) == pytest.approx(0.013)
+    # A little late is still awaited; later than the slack is not.
+    assert policy.resent_yields(1.0, [0.997], 1.01, 0.005) == pytest.approx(0.002)
+    assert policy.resent_yields(1.0, [0.994], 1.01, 0.005) is None
+
+
 def test_tick_priority_puts_on_time_streams_first_and_resent_audio_last() -> None:
     now, budget = 1.0, 0.05
     just = now - policy.RESEND_S / 2  # resumed lately: resending

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from server.resume import StreamSnapshot
-from server.runtime.stream import Handoff, Phase
+from server.runtime.stream import Handoff, Phase, Stream
 from tests.server.test_slot_scheduler import Harness
 
 
@@ -90,6 +90,106 @@ def _moved_snapshots(xs: list[np.ndarray], sent: int) -> tuple[Harness, list[Str
     return source, snapshots
 
 
+def _resumed(target: Harness, snapshots: list[StreamSnapshot], frames: int) -> list[Stream]:
+    """`snapshots` resumed on `target`, each resending `frames` frames."""
+    streams = []
+    for snapshot in snapshots:
+        stream, done = target.scheduler.resume(snapshot.stream_id, target.now, snapshot)
+        assert not done
+        target.push(stream, np.ones(frames))
+        streams.append(stream)
+    return streams
+
+
+def test_resent_audio_rides_with_on_time_chunks_only_on_rows_their_bucket_pads() -> None:
+    # 8 resumed streams whose rows are written, 4 whose rows are not yet,
+    # all resending; 30 streams running here come in on time. Their tick
+    # is the bucket of 32 they need anyway: 2 resent chunks fill it, no
+    # row is written in it, and the rest go in the next tick.
+    _, snapshots = _moved_snapshots([np.ones(40, np.float32)] * 12, sent=8)
+    target = Harness(latency=3, max_streams=64, buckets=(8, 16, 32, 64), latency_budget_ms=50)
+    written = _resumed(target, snapshots[:8], 12)
+    first = target.step()
+    assert first is not None and len(first.restores) == 8
+    pending = _resumed(target, snapshots[8:], 12)
+    target.now = 0.01
+    running = target.add_ready("r", 30)
+    tick, _ = target.schedule()
+    assert tick is not None and tick.bucket == 32 and tick.restores == []
+    taken = {s.stream_id for s in tick.streams}
+    assert {s.stream_id for s in running} <= taken and len(taken) == 32
+    assert len(taken & {s.stream_id for s in written}) == 2
+    target.run(tick)
+    rest, _ = target.schedule()
+    assert rest is not None
+    assert {s.stream_id for s in rest.streams} == {s.stream_id for s in written + pending}
+    assert len(rest.restores) == 4
+
+
+def test_resent_audio_alone_goes_in_ticks_of_a_filled_bucket() -> None:
+    # 40 resumed streams resend 2 chunks each, nothing else is ready: a
+    # tick of 64 would hold chunks of streams running here that come in
+    # meanwhile, so the resent chunks go 32 a tick.
+    _, snapshots = _moved_snapshots([np.ones(40, np.float32)] * 40, sent=8)
+    target = Harness(latency=3, max_streams=64, buckets=(8, 16, 32, 64), latency_budget_ms=50)
+    streams = _resumed(target, snapshots, 8)
+    sizes = []
+    while (tick := target.step()) is not None:
+        sizes.append(len(tick.streams))
+        target.now += 0.01
+    assert max(sizes) == 32 and sum(sizes) == 80
+    # Past `CATCH_UP_BUDGETS` budgets a chunk is no longer held back: ticks
+    # take every ready stream again.
+    for stream in streams:
+        target.push(stream, np.ones(4))
+    target.now += 4 * 0.05
+    tick = target.step()
+    assert tick is not None and len(tick.streams) == 40
+
+
+def test_resent_audio_waits_for_chunks_on_time_due_before_its_tick_would_end() -> None:
+    # 4 streams running here send a chunk every 160 ms: the next is due at
+    # 0.48. 8 resumed streams' resent chunks are ready since 0.40 (past the
+    # budget: no tick waits for company for them). At 0.47 their tick of 8
+    # (a few ms) ends before 0.48 and goes at once; at 0.4799 it would end
+    # after, so it waits for the 4, until 0.48 and the prediction's slack
+    # of 5 ms, and goes after their tick.
+    _, snapshots = _moved_snapshots([np.ones(40, np.float32)] * 16, sent=8)
+    for start, held in ((0.47, False), (0.4799, True)):
+        target = Harness(
+            latency=3,
+            max_streams=16,
+            buckets=(4, 8, 16),
+            latency_budget_ms=50,
+            max_batch_delay_ms=5,
+        )
+        for bucket, seconds in {4: 0.003, 8: 0.004, 16: 0.006}.items():
+            target.scheduler.tick_times.seed(bucket, seconds)
+        running = [target.add(f"r{i}") for i in range(4)]
+        for t in (0.0, 0.16, 0.32):
+            target.now = t
+            for stream in running:
+                target.push(stream, np.ones(4))
+            tick = target.step()
+            assert tick is not None and len(tick.streams) == 4
+        target.now = 0.40
+        resumed = _resumed(target, snapshots[:8] if held else snapshots[8:], 8)
+        target.now = start
+        tick, wait = target.schedule()
+        if not held:
+            assert tick is not None and set(tick.streams) == set(resumed)
+            continue
+        assert tick is None and wait == pytest.approx(0.48 + 0.005 - start)
+        target.now = 0.48
+        for stream in running:
+            target.push(stream, np.ones(4))
+        tick, _ = target.schedule()  # the 4 on time, in a bucket of 4: no room
+        assert tick is not None and set(tick.streams) == set(running)
+        target.run(tick)
+        tick, _ = target.schedule()
+        assert tick is not None and set(tick.streams) == set(resumed)
+
+
 # One row of the fake delay line at latency 3: 3 float32 frames and 3 flags.
 _ROW_BYTES = 3 * 4 + 3
 
@@ -134,7 +234,9 @@ def test_a_burst_of_restores_is_written_over_ticks_within_the_byte_budget(
         ticks.append(([s.slot for s in tick.streams], restored))
 
     restoring = [i for i, (_, restored) in enumerate(ticks) if restored]
-    assert restoring == list(range(math.ceil(8 / per_tick)))
+    # From the second tick on: the residents' first chunks came in on time,
+    # and their tick of 4 pads no row for resent audio.
+    assert restoring == list(range(1, 1 + math.ceil(8 / per_tick)))
     assert [len(ticks[i][1]) for i in restoring[:-1]] == [per_tick] * (len(restoring) - 1)
     # Each row written once, in the tick that first steps its stream.
     assert sorted(target.device.restored) == sorted(resumed_slots)
