@@ -287,7 +287,7 @@ class Scheduler:
             expected=expected,
             device_busy=device_busy,
             delay_s=self._delay_s,
-            budget_s=self._budget_s,
+            budget_s=policy.planning_budget(self._budget_s),
             tick_latency=self._tick_latency,
         )
         if not plan.go:

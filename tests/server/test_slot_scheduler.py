@@ -16,7 +16,7 @@ import pytest
 
 from sequence_layers import testing
 from server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from server.runtime import MAX_IN_FLIGHT, Ended, Engine, Output, SchedulerConfig
+from server.runtime import MAX_IN_FLIGHT, Ended, Engine, Output, SchedulerConfig, policy
 from server.runtime.scheduler import Scheduler, Tick
 from server.runtime.stream import CANCELLED, Phase, Stream
 from server.stats import StreamStats
@@ -497,3 +497,35 @@ def test_a_split_tick_takes_on_time_streams_before_those_catching_up() -> None:
         h.push(s, np.ones(4))
     tick, _ = h.schedule()
     assert tick is not None and {s.stream_id for s in behind} <= {s.stream_id for s in tick.streams}
+
+
+def test_company_is_waited_for_only_within_the_budget_less_delivery() -> None:
+    # Two groups of 4 streams send every 100 ms, the second 46 ms after the
+    # first; ticks take about a millisecond. Waiting for the second group
+    # and ticking would end at 47 ms, inside a 50 ms budget but not inside
+    # what the tick may use of it (`policy.planning_budget`: the door's
+    # write of the outputs comes after): the first group goes alone, at
+    # the delay.
+    h = Harness(max_streams=8, latency_budget_ms=50, max_batch_delay_ms=5)
+    first = [h.add(f"a{i}") for i in range(4)]
+    second = [h.add(f"b{i}") for i in range(4)]
+    events = sorted(
+        [(t, first) for t in (0.0, 0.1, 0.2)] + [(t, second) for t in (0.046, 0.146, 0.246)]
+    )
+    for t, group in events:
+        h.now = t
+        for stream in group:
+            h.push(stream, np.ones(4))
+        h.step()
+    h.now = 0.29
+    while h.step() is not None:
+        pass
+    assert policy.planning_budget(0.050) == pytest.approx(0.045)
+    h.now = 0.30
+    for stream in first:
+        h.push(stream, np.ones(4))
+    tick, wait = h.schedule()
+    assert tick is None and wait == pytest.approx(0.005)
+    h.now = 0.305
+    tick, _ = h.schedule()
+    assert tick is not None and set(tick.streams) == set(first)
