@@ -26,7 +26,7 @@ Prints JSON, then the headline line:
   holds their p99.
 
     python -m loadtests.bench_migration [--model demo-asr] [--streams 64] [--resident 32]
-        [--chunk-ms 20] [--chunk-blocks 1]
+        [--chunk-ms 20] [--chunk-blocks 1] [--json FILE]
 
 A figure, not a test: on a shared 2-core machine the servers, the clients
 and the compile all compete. The budget is the server's (chunk ready until
@@ -338,6 +338,7 @@ def main() -> None:
         default=None,
         help="the target's --restore-bytes-per-tick (default: the server's)",
     )
+    p.add_argument("--json", default=None, help="also write the report to this file")
     a = p.parse_args()
     model = BUILTIN_MODELS[a.model]()
     info = model.info(a.streams + a.resident)
@@ -467,6 +468,8 @@ def main() -> None:
         },
     }
     print(json.dumps(report))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1))
     p99 = {k: resident[k]["latency_ms"]["p99"] for k in ("before", "during", "after")}
     print(
         f"resident p99 chunk latency during migration: {p99['during']} ms (before: "
