@@ -213,21 +213,22 @@ def tick_priority(
     waited a tick more (their p99 went from 40 to 60-80 ms); after one
     budget, resumed streams held back by the restore byte budget (80 ms)
     still went before 8 of the 32, whose chunks missed the budget."""
-    resending = resumed_at is not None and now - resumed_at < RESEND_S
+    resending = _resending(resumed_at, now)
     patience = budget_s * (CATCH_UP_BUDGETS if resending else 1)
     first = (on_time and not resending) or now - ready_since >= patience
     return (not first, ready_since)
+
+
+def _resending(resumed_at: float | None, now: float) -> bool:
+    """Whether a stream's chunks are still its resent audio (`RESEND_S`)."""
+    return resumed_at is not None and now - resumed_at < RESEND_S
 
 
 def resent_waits(ready_since: float, resumed_at: float | None, now: float, budget_s: float) -> bool:
     """Whether a ready stream's chunk is resent audio that still ranks behind
     (`tick_priority`): it rides in a tick of the streams running here only
     on rows their bucket pads anyway (`Scheduler.schedule`)."""
-    return (
-        resumed_at is not None
-        and now - resumed_at < RESEND_S
-        and now - ready_since < budget_s * CATCH_UP_BUDGETS
-    )
+    return _resending(resumed_at, now) and now - ready_since < budget_s * CATCH_UP_BUDGETS
 
 
 def resent_yields(

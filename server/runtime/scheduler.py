@@ -332,7 +332,7 @@ class Scheduler:
             batch = sorted(ready, key=_ready_since)[: policy.MIN_FILLED_BUCKET]
             tick_end = now + self._tick_latency(len(batch))
             return batch, policy.resent_yields(now, expected, tick_end, self._delay_s)
-        room = self._bucket(min(n_others, self.config.max_streams)) - n_others
+        room = self._bucket(n_others) - n_others
         fill = sorted(
             (s for s, r in zip(ready, resent, strict=True) if r and s.restore_state is None),
             key=_ready_since,
@@ -362,8 +362,7 @@ class Scheduler:
 
     def _tick_latency(self, n: int) -> float:
         """What a tick of `n` streams adds to their chunks' latency."""
-        bucket = self._bucket(min(n, self.config.max_streams))
-        return self.tick_times.latency(bucket, self.steps.busy_share())
+        return self.tick_times.latency(self._bucket(n), self.steps.busy_share())
 
     def _stage(
         self, batch: list[Stream], bucket: int, now: float, staging: Callable[[int], Staging]
