@@ -59,6 +59,13 @@ class ServerSettings:
     tls_cert: str | None = knob(None, "PEM certificate: gRPC with TLS, HTTPS and WSS")
     tls_key: str | None = knob(None, "PEM private key for --tls-cert")
     log_level: str = knob("info", "debug, info, warning or error")
+    xla_cpu_threads: int | None = knob(
+        None,
+        "threads XLA's CPU backend runs a tick on (its intra-op pool). Default: $PJRT_NPROC "
+        "or $NPROC if set, else one less than the CPUs this process may use (at least 1), "
+        "leaving a core to the event loops and the tick thread. No effect on GPU ticks",
+        positive=True,
+    )
     compile_cache_dir: str | None = knob(
         None,
         "JAX compilation cache: a restart with unchanged models reads compiled programs "

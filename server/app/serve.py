@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from server.app.config_file import ConfigFileError
-from server.app.settings import build_parser, resolve_settings
+from server.app.settings import XLA_THREADS_ENV, build_parser, resolve_settings
 from server.compile_cache import enable_compile_cache
 from server.errors import ModelLoadError
 from server.frontdoors.auth import AdminAccess, ApiKeys
@@ -86,8 +87,9 @@ async def serve(args: argparse.Namespace) -> int:
         if isinstance(stats, StreamStats | StreamReleased):
             loop.call_soon_threadsafe(streams_changed.set)
 
-    settings = resolve_settings(args)
+    settings = resolve_settings(args, size_xla_pool=True)
     cfg = settings.server
+    log.info("XLA CPU threads: %s", os.environ.get(XLA_THREADS_ENV) or os.environ.get("NPROC"))
     cache = enable_compile_cache(cfg["compile_cache_dir"])
     log.info("compile cache: %s", cache or "off")
     models = settings.models

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,14 +54,19 @@ class Settings:
     admin_keys: list[str] = dataclasses.field(default_factory=list)
 
 
-def resolve_settings(args: argparse.Namespace) -> Settings:
-    """Merges built-in defaults, the config file and the flags (in that order)."""
+def resolve_settings(args: argparse.Namespace, *, size_xla_pool: bool = False) -> Settings:
+    """Merges built-in defaults, the config file and the flags (in that order).
+    With `size_xla_pool` (`sl-serve`'s start), also sizes XLA's CPU thread
+    pool for this process (`configure_xla_cpu_threads`)."""
     file = load_config_file(args.config) if args.config else None
     server = dataclasses.asdict(
         merge(ServerSettings, file.server if file else {}, flag_values(args, ServerSettings))
     )
-    # Before the models are built: building reads their traced programs and
-    # parameter shapes back from this cache.
+    # Before the models are built: building starts JAX's backend, which sizes
+    # its thread pool once, and reads traced programs and parameter shapes
+    # back from this cache.
+    if size_xla_pool:
+        configure_xla_cpu_threads(server["xla_cpu_threads"])
     enable_compile_cache(server["compile_cache_dir"])
     flag_knobs = flag_values(args, SchedulerConfig)
     defaults = file.defaults if file else {}
@@ -88,6 +96,75 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     if server["admin_key_file"]:
         admin_keys = read_admin_keys(server["admin_key_file"])
     return Settings(server, models, schedulers, keys, admin_keys)
+
+
+# XLA's CPU client sizes its intra-op thread pool from this variable when the
+# backend starts (then NPROC, then the CPUs it may use).
+XLA_THREADS_ENV = "PJRT_NPROC"
+
+
+def default_xla_cpu_threads() -> int:
+    """One less than the CPUs this process may use (`available_cpus`), at least 1.
+
+    XLA splits each op of a tick over its pool and waits for every part: with
+    a thread per CPU, whenever an event loop or the tick thread runs Python
+    (every chunk, every output), one part waits for a core and the whole op
+    with it. A bare step alone loses little with one thread fewer: on 2
+    cores a 32-row demo-asr tick takes the same time on one thread as on two
+    (loadtests/RESULTS.md, issue 16, has the end-to-end figures).
+    """
+    return max(1, available_cpus() - 1)
+
+
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may run on, capped by its cgroup's CPU quota (a
+    container's CPU limit: the affinity mask still lists every host CPU)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup)
+    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
+
+
+def cgroup_cpu_quota(cgroup: Path) -> float | None:
+    """CPUs' worth of time the CFS quota allows per period (cgroup v2
+    `cpu.max`, else v1 `cpu/cpu.cfs_quota_us`); None without a quota."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        return int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def configure_xla_cpu_threads(threads: int | None) -> int | None:
+    """Sizes XLA's CPU pool (`--xla-cpu-threads`): `threads`, else the
+    environment's PJRT_NPROC or NPROC (the operator's), else
+    `default_xla_cpu_threads()`. Returns the size set, None if the
+    environment's stays. Only before JAX's backend starts: it reads the
+    variable once."""
+    if threads is None:
+        if XLA_THREADS_ENV in os.environ or "NPROC" in os.environ:
+            return None
+        threads = default_xla_cpu_threads()
+    from jax._src import xla_bridge  # private: whether the pool is sized already
+
+    if xla_bridge.backends_are_initialized():
+        logging.getLogger(__name__).warning(
+            "--xla-cpu-threads %d not applied: JAX's backend already started", threads
+        )
+        return None
+    os.environ[XLA_THREADS_ENV] = str(threads)
+    return threads
 
 
 def read_admin_keys(path: str | Path) -> list[str]:

@@ -133,3 +133,60 @@ def test_admin_key_file_from_the_file_or_a_flag(tmp_path: Path) -> None:
         resolve_settings(
             build_parser().parse_args(["--config", str(path), "--admin-key-file", str(other)])
         )
+
+
+def test_xla_cpu_threads_from_the_flag_else_the_environment_else_all_cpus_but_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from jax._src import xla_bridge
+
+    from server.app import settings as app_settings
+
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setattr(app_settings.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(app_settings, "cgroup_cpu_quota", lambda root: None)
+    for name in ("PJRT_NPROC", "NPROC"):
+        # Recorded first, so whatever the code under test sets is undone.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    assert app_settings.default_xla_cpu_threads() == 3
+    assert app_settings.configure_xla_cpu_threads(None) == 3
+    assert app_settings.os.environ["PJRT_NPROC"] == "3"
+    # The operator's environment stays unless the flag says otherwise.
+    monkeypatch.delenv("PJRT_NPROC")
+    monkeypatch.setenv("NPROC", "2")
+    assert app_settings.configure_xla_cpu_threads(None) is None
+    assert "PJRT_NPROC" not in app_settings.os.environ
+    assert app_settings.configure_xla_cpu_threads(5) == 5
+    assert app_settings.os.environ["PJRT_NPROC"] == "5"
+    monkeypatch.setattr(app_settings.os, "sched_getaffinity", lambda pid: {0})
+    assert app_settings.default_xla_cpu_threads() == 1
+    # Too late once JAX's backend has started: it read the variable already.
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    monkeypatch.delenv("PJRT_NPROC")
+    assert app_settings.configure_xla_cpu_threads(2) is None
+    assert "PJRT_NPROC" not in app_settings.os.environ
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--xla-cpu-threads", "x"])
+    args = build_parser().parse_args(["--xla-cpu-threads", "2", "--model", "logmel"])
+    assert resolve_settings(args).server["xla_cpu_threads"] == 2
+
+
+def test_available_cpus_are_capped_by_the_cgroup_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.app import settings as app_settings
+
+    monkeypatch.setattr(app_settings.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert app_settings.available_cpus(tmp_path) == 16  # no cgroup files: no quota
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert app_settings.available_cpus(tmp_path) == 16
+    (v1 / "cpu.cfs_quota_us").write_text("250000\n")  # a 2.5-CPU limit
+    assert app_settings.available_cpus(tmp_path) == 3
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # v2 wins where it exists
+    assert app_settings.available_cpus(tmp_path) == 16
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert app_settings.available_cpus(tmp_path) == 1

@@ -274,6 +274,19 @@ def test_http_endpoints(server: ServerProcess) -> None:
     assert b"sl_stream_slots" in get("/metrics")[1]
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads threads from /proc")
+def test_xla_computes_on_all_cpus_but_one(server: ServerProcess) -> None:
+    """`sl-serve` sizes XLA's CPU pool before its backend starts (issue 16:
+    a thread per CPU makes each op wait whenever Python runs)."""
+    from server.app.settings import default_xla_cpu_threads
+
+    if "PJRT_NPROC" in os.environ or "NPROC" in os.environ:
+        pytest.skip("the environment sizes XLA's pool")
+    tasks = Path(f"/proc/{server.proc.pid}/task")
+    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+    assert sum("XLAEigen" in name for name in names) == default_xla_cpu_threads(), names
+
+
 def test_reflection_lists_services(server: ServerProcess) -> None:
     async def main() -> set[str]:
         async with grpc.aio.insecure_channel(server.grpc_target) as channel:
