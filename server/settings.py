@@ -114,8 +114,30 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
                 metavar="A,B,...",
                 help=help_text,
             )
+        elif field.metadata.get("positive"):
+            group.add_argument(
+                name,
+                type=_positive(kind),
+                metavar=name[2:].upper().replace("-", "_"),
+                help=help_text,
+            )
         else:
             group.add_argument(name, type=kind, help=help_text)
+
+
+def _positive(kind: type) -> Any:
+    """`kind` from a flag's text, refused unless > 0 (as `check_value` refuses
+    it from a file): `--max-streams 0` stops at the command line with its
+    name, not as an error deep in the first tick."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's message: "invalid int value: 'x'"
+    return parse
 
 
 def flag_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -156,15 +156,24 @@ def configure_xla_cpu_threads(threads: int | None) -> int | None:
         if XLA_THREADS_ENV in os.environ or "NPROC" in os.environ:
             return None
         threads = default_xla_cpu_threads()
-    from jax._src import xla_bridge  # private: whether the pool is sized already
-
-    if xla_bridge.backends_are_initialized():
+    if _backend_started():
         logging.getLogger(__name__).warning(
             "--xla-cpu-threads %d not applied: JAX's backend already started", threads
         )
         return None
     os.environ[XLA_THREADS_ENV] = str(threads)
     return threads
+
+
+def _backend_started() -> bool:
+    """Whether JAX's backend (and so its pool) exists already. A private API:
+    if it moves, assume not, as at `sl-serve`'s start."""
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return False
 
 
 def read_admin_keys(path: str | Path) -> list[str]:

@@ -190,3 +190,20 @@ def test_available_cpus_are_capped_by_the_cgroup_quota(
     assert app_settings.available_cpus(tmp_path) == 16
     (tmp_path / "cpu.max").write_text("50000 100000\n")
     assert app_settings.available_cpus(tmp_path) == 1
+
+
+def test_positive_knobs_are_refused_at_the_command_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # As a file's value is (`check_value`): `--max-streams 0` used to start
+    # and fail in the first tick with an IndexError.
+    parser = build_parser()
+    for flag in ("--max-streams", "--chunk-blocks", "--xla-cpu-threads", "--grpc-port"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([flag, "0"])
+        assert f"argument {flag}: must be positive, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-streams", "x"])
+    assert "invalid int value: 'x'" in capsys.readouterr().err
+    args = parser.parse_args(["--max-streams", "3", "--max-batch-delay-ms", "0"])
+    assert (args.max_streams, args.max_batch_delay_ms) == (3, 0.0)
