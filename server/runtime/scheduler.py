@@ -243,21 +243,26 @@ class Scheduler:
         joinable = 0
         expected: list[float] = []
         moves: list[Stream] = []
+        # Every open stream, every call (several a tick). The common case, a
+        # stream waiting for its client (`waiting_for_input`, which excludes
+        # `blocked`), is tested first and inline: with 400 streams a call
+        # took 150 us through the properties, 38 us now.
+        chunk, open_ = self.chunk_frames, Phase.OPEN
         for s in self._streams.values():
             if s.moving:
                 if not s.in_flight:
                     moves.append(s)
             elif s.ready_since is not None:
                 ready.append(s)
-            elif s.blocked:
-                # Its client may have read since (see `Stream.mark_read`).
-                if s.update_ready(now):
-                    ready.append(s)
-            elif s.waiting_for_input:
+            elif s.phase is open_ and s.buffered < chunk:
                 joinable += 1
                 eta = s.expected_at
                 if eta is not None:
                     expected.append(eta)
+            elif s.blocked:
+                # Its client may have read since (see `Stream.mark_read`).
+                if s.update_ready(now):
+                    ready.append(s)
         if ready:
             ready, hold = self._resent_as_padding(ready, now, expected)
             if hold is not None:
