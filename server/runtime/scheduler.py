@@ -243,10 +243,11 @@ class Scheduler:
         joinable = 0
         expected: list[float] = []
         moves: list[Stream] = []
-        # Every open stream, every call (several a tick). The common case, a
-        # stream waiting for its client (`waiting_for_input`, which excludes
-        # `blocked`), is tested first and inline: with 400 streams a call
-        # took 150 us through the properties, 38 us now.
+        # Every open stream, every call (several a tick). The common case is
+        # tested first and inline: a stream open and short of a chunk, waiting
+        # for its client (never `blocked`, which needs a chunk). With 400
+        # streams a call took 150 us through properties, 68 us with this test
+        # as one, 38 us inline.
         chunk, open_ = self.chunk_frames, Phase.OPEN
         for s in self._streams.values():
             if s.moving:

@@ -273,11 +273,6 @@ class Stream:
         )
 
     @property
-    def waiting_for_input(self) -> bool:
-        """Open, and short of a chunk because the client has not sent it yet."""
-        return self.phase is Phase.OPEN and not self.moving and self.buffered < self._chunk
-
-    @property
     def expected_at(self) -> float | None:
         """When its next chunk is predicted to be complete (None: unknown)."""
         if self._due_period is None or self._input_ready_at is None:
