@@ -17,7 +17,8 @@ One responsibility a module:
 Stream migration (DESIGN.md section 8): with `resume_keys`, a stream opens
 from a `resume_token` (its state row written into a free slot instead of a
 reset; `resume_stream` checks the token and puts its row on the device off
-the event loop, a burst of rows is written over ticks,
+the event loop, between the ticks of the streams running here, a burst of
+rows is written over ticks,
 `restore_bytes_per_tick` at a time, and resent audio never delays a tick of
 chunks on time), and
 `move_streams` hands every open stream off: once its ticks in
@@ -197,7 +198,9 @@ class Runtime:
         `open_stream` does."""
         engine = self._engine(model)
         loop = asyncio.get_running_loop()
-        snapshot = await loop.run_in_executor(self._verify_pool, engine.verify, resume_token)
+        snapshot = await loop.run_in_executor(
+            self._verify_pool, engine.verify_between_ticks, resume_token
+        )
         return engine.open_stream(loop, stream_id, snapshot=snapshot)
 
     def _engine(self, name: str) -> Engine:

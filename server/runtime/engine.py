@@ -41,7 +41,7 @@ from server.resume import (
     sign_token,
     verify_token,
 )
-from server.runtime import router
+from server.runtime import policy, router
 from server.runtime.config import SchedulerConfig
 from server.runtime.device import Device
 from server.runtime.scheduler import Delivery, Scheduler, Staging, Tick
@@ -62,6 +62,11 @@ _LEAD_S = 0.005
 # Until then, how often the tick thread checks whether the tick in flight
 # finished early (its estimate is an average).
 _POLL_S = 0.002
+# Longest a resume token waits for the ticks of chunks on time in flight to
+# end before it is checked anyway (`verify_between_ticks`). Such a tick of
+# demo-asr takes 10-12 ms alone; under load one follows another, and each
+# token then waits for the ones in flight when it came, never longer.
+_VERIFY_YIELD_S = 0.03
 
 
 class DeviceRunner(Protocol):
@@ -122,6 +127,11 @@ class Engine:
         # waits for these, so `moved` messages are written before it exits).
         self.open_handles = 0
         self._cond = threading.Condition()
+        # Ticks holding chunks on time: how many went to the device, and how
+        # many came back (`verify_between_ticks` waits on these).
+        self._tick_end = threading.Condition(threading.Lock())
+        self._on_time_dispatched = 0
+        self._on_time_done = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_ready = 0.0
@@ -245,6 +255,30 @@ class Engine:
         # Its row goes to the device here, on the verifying thread, not on
         # the tick thread that writes it into its slot (`Device.put_row`).
         return dataclasses.replace(snapshot, state=self.device.put_row(snapshot.state))
+
+    def verify_between_ticks(self, token: bytes) -> StreamSnapshot:
+        """`verify`, once the ticks of chunks on time now on the device have
+        ended (at most `_VERIFY_YIELD_S`). For the verifying thread: a
+        drained replica's streams all arrive at once, and checking their
+        tokens (HMAC over ~0.5 MB each for demo-asr, the row put on the
+        device) while the running streams' tick computes took the cores
+        that tick needed. 64 streams moved onto a demo-asr replica where 32
+        run (`loadtests/bench_migration.py`, 2-core EPYC): the residents'
+        tick then took 34-50 ms of device time instead of 10-12, and one of
+        their chunks in 10-25% went over a 50 ms budget in 4 runs of 10;
+        checked between their ticks, in none of 10 (RESULTS.md)."""
+        with self._tick_end:
+            target = self._on_time_dispatched
+            self._tick_end.wait_for(lambda: self._on_time_done >= target, _VERIFY_YIELD_S)
+        return self.verify(token)
+
+    def _count_tick_end(self, tick: Tick) -> None:
+        """Once per tick counted at dispatch, whether it ended or failed."""
+        if tick.on_time:
+            tick.on_time = False
+            with self._tick_end:
+                self._on_time_done += 1
+                self._tick_end.notify_all()
 
     def sign(self, snapshot: StreamSnapshot) -> bytes:
         """A moving stream's token (on its door's loop); TokenTooLarge if it
@@ -374,6 +408,12 @@ class Engine:
             if tick.restores:
                 self.device.write_rows(tick.restores)
             staged = tick.staged
+            tick.on_time = policy.holds_chunks_on_time(
+                (s.resumed_at for s in tick.streams), time.monotonic()
+            )
+            if tick.on_time:
+                with self._tick_end:
+                    self._on_time_dispatched += 1
             tick.outputs = self.device.dispatch(staged.slots, staged.x, staged.taken)
         except Exception as e:  # a device failure ends these streams, not the server
             tick.error = e
@@ -425,8 +465,10 @@ class Engine:
             if tick.error is not None:
                 raise tick.error
             y, y_mask = self.device.fetch(tick.outputs)
+            self._count_tick_end(tick)
             self.device.recycle(tick.staged)
         except Exception as e:
+            self._count_tick_end(tick)
             with self._cond:
                 self._route(self.scheduler.fail_tick(tick, e))
             return

@@ -224,6 +224,14 @@ def _resending(resumed_at: float | None, now: float) -> bool:
     return resumed_at is not None and now - resumed_at < RESEND_S
 
 
+def holds_chunks_on_time(resumed_at: Iterable[float | None], now: float) -> bool:
+    """Whether a tick of streams that resumed at these times (None: never)
+    holds chunks on time, i.e. is not only resumed streams' resent audio:
+    resume tokens are checked between such ticks
+    (`Engine.verify_between_ticks`)."""
+    return any(not _resending(t, now) for t in resumed_at)
+
+
 def resent_waits(ready_since: float, resumed_at: float | None, now: float, budget_s: float) -> bool:
     """Whether a ready stream's chunk is resent audio that still ranks behind
     (`tick_priority`): it rides in a tick of the streams running here only

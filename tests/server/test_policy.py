@@ -453,3 +453,12 @@ def test_tick_priority_puts_on_time_streams_first_and_resent_audio_last() -> Non
         "behind, waiting longer",
         "behind",
     ]
+
+
+def test_a_tick_holds_chunks_on_time_unless_all_are_resent_audio() -> None:
+    now = 100.0
+    recent, long_ago = now - policy.RESEND_S / 2, now - 2 * policy.RESEND_S
+    assert policy.holds_chunks_on_time([None], now)
+    assert policy.holds_chunks_on_time([long_ago], now)
+    assert policy.holds_chunks_on_time([recent, None, recent], now)
+    assert not policy.holds_chunks_on_time([recent, recent], now)

@@ -5,13 +5,18 @@ slot table continues exactly (the delay line's output is its input)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 
 import numpy as np
 import pytest
 
 from server.resume import StreamSnapshot
+from server.runtime import Engine, SchedulerConfig
+from server.runtime import engine as engine_module
 from server.runtime.stream import Handoff, Phase, Stream
+from tests.server.fake_device import FakeDevice, FakeModel
 from tests.server.test_slot_scheduler import Harness
 
 
@@ -285,3 +290,54 @@ def test_a_split_tick_takes_resent_audio_after_the_streams_running_there() -> No
     tick, _ = target.schedule()
     assert tick is not None
     assert {s.stream_id for s in resumed} <= {s.stream_id for s in tick.streams}
+
+
+@pytest.mark.parametrize(
+    ("tick_s", "yield_s", "resent", "waits_for_the_tick"),
+    [(0.2, 5.0, False, True), (1.0, 0.1, False, False), (1.0, 5.0, True, False)],
+)
+def test_tokens_are_checked_between_the_ticks_of_streams_on_time(
+    tick_s: float,
+    yield_s: float,
+    resent: bool,
+    waits_for_the_tick: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A resume token is checked once the tick of chunks on time in flight
+    has ended, not during it (its check takes the cores that tick needs);
+    never after more than `_VERIFY_YIELD_S`, and a tick of resent audio
+    alone does not hold it."""
+    monkeypatch.setattr(engine_module, "_VERIFY_YIELD_S", yield_s)
+    device = FakeDevice(2, 4, 0)
+    device.seconds = tick_s
+    config = SchedulerConfig(max_streams=2, chunk_blocks=2, buckets=(2,), max_batch_delay_ms=1)
+    eng = Engine(FakeModel(), config, device=device)  # type: ignore[arg-type]
+    checked: list[tuple[float, float]] = []  # (when, when the tick in flight ends)
+    monkeypatch.setattr(
+        eng, "verify", lambda token: checked.append((time.monotonic(), device._free_at))
+    )
+    eng.start()
+
+    async def main() -> float:
+        stream = eng.open_stream(asyncio.get_running_loop())
+        if resent:
+            stream._stream.resumed_at = time.monotonic()
+        stream.send(np.ones((4, 1), np.float32))
+        while not device.dispatched:
+            await asyncio.sleep(0.001)
+        start = time.monotonic()
+        await asyncio.to_thread(eng.verify_between_ticks, b"token")
+        stream.cancel()
+        return start
+
+    try:
+        asked = asyncio.run(main())
+    finally:
+        eng.stop()
+    ((when, tick_end),) = checked
+    if waits_for_the_tick:
+        assert when >= tick_end
+    else:
+        assert when < tick_end
+        assert when - asked < (0.5 if resent else yield_s + 0.5)
+        assert resent or when - asked >= yield_s
