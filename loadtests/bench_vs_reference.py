@@ -5,7 +5,12 @@ reference's (same paths and shapes; the table says how many leaves matched),
 checks that outputs agree on valid frames, and prints frames/s of jitted
 `layer()` and of jitted `step()` (one call per block, state donated) with the
 ratio ours / reference. Medians of repeats that alternate between the two
-libraries, so machine noise hits both.
+libraries, so machine noise hits both. Each row also says what the two
+libraries compile that call to (`PROGRAM_LABELS`): the same XLA program (the
+optimized HLO, with names and source locations taken out), whose ratio is
+1.0 up to the noise whatever either library does; the same kernels (dots,
+convolutions, FFTs) with different elementwise work around them; or
+different kernels.
 
 The two libraries share the import name `sequence_layers`, so each side runs
 `vs_reference_worker.py` in its own interpreter: ours in this one, the
@@ -92,6 +97,16 @@ class Worker:
         self._log.close()
 
 
+# The "program" column: what the two libraries compile a call to.
+PROGRAM_LABELS = {
+    "same": "the same optimized XLA program, names and source locations aside: "
+    "1.0x up to the noise, whatever either library does",
+    "same kernels": "the same dots, convolutions and FFTs, with different elementwise "
+    "work around them",
+    "different": "different kernels",
+}
+
+
 @dataclasses.dataclass
 class Row:
     case: str
@@ -101,6 +116,8 @@ class Row:
     ref_fps: float
     max_diff: float  # on valid frames, ours vs reference
     params: str  # leaves copied / reference leaves
+    # What the two libraries compile this call to (`PROGRAM_LABELS`).
+    program: str = "different"
 
     @property
     def ratio(self) -> float:
@@ -159,8 +176,24 @@ def bench_case(
         diff = _max_diff(Path(built_ours["outputs_out"]), Path(built_ref["outputs_out"]), what)
         t_ours, t_ref = _interleaved_median(ours, ref, what, repeats, min_seconds)
         label = what if what == "layer" else f"step {int(what[4:]) * built_ours['block_size']}"
+        programs = [w.call({"op": "program", "what": what}) for w in (ours, ref)]
+        program = "different"
+        if all(p["ok"] for p in programs):
+            if programs[0]["program"] == programs[1]["program"]:
+                program = "same"
+            elif programs[0]["kernels"] == programs[1]["kernels"]:
+                program = "same kernels"
         rows.append(
-            Row(case, batch, label, batch * frames / t_ours, batch * frames / t_ref, diff, params)
+            Row(
+                case,
+                batch,
+                label,
+                batch * frames / t_ours,
+                batch * frames / t_ref,
+                diff,
+                params,
+                program,
+            )
         )
     return rows
 
@@ -180,7 +213,7 @@ def _print_row(row: Row) -> None:
     diff = "MISMATCH" if row.max_diff == math.inf else f"{row.max_diff:.1e}"
     print(
         f"| {row.case} | {row.batch} | {row.what} | {row.ours_fps:,.0f} | {row.ref_fps:,.0f} "
-        f"| {row.ratio:.2f} | {diff} | {row.params} |",
+        f"| {row.ratio:.2f} | {diff} | {row.params} | {row.program} |",
         flush=True,
     )
 
@@ -213,8 +246,11 @@ def main() -> None:
     )
     print("frames/s (input frames) of jitted layer() and of jitted step() per call of N frames")
     print()
-    print("| case | batch | call | ours f/s | reference f/s | ours / ref | max diff | params |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| case | batch | call | ours f/s | reference f/s | ours / ref | max diff | params "
+        "| program |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rows: list[Row] = []
     try:
         for case in ours.info["cases"]:
@@ -235,6 +271,14 @@ def main() -> None:
     slow = [r for r in rows if r.ratio < 1.2]
     print()
     print(f"{len(rows) - len(slow)}/{len(rows)} rows at >= 1.2x the reference")
+    for label, meaning in PROGRAM_LABELS.items():
+        below = [
+            f"{r.case} b{r.batch} {r.what} ({r.ratio:.2f})" for r in slow if r.program == label
+        ]
+        print(
+            f"below 1.2x, {label} ({meaning}): {len(below)}"
+            + (": " + ", ".join(below) if below and label == "different" else "")
+        )
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
 

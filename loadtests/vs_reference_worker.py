@@ -23,6 +23,7 @@ Errors come back as {"ok": false, "error": ..., "trace": ...}.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import traceback
@@ -315,6 +316,48 @@ def _copy_params(ours: dict[str, np.ndarray], theirs: Any) -> tuple[Any, int, in
     return tree, copied, len(flat)
 
 
+_METADATA = re.compile(r", metadata=\{[^}]*\}")
+_NAME = re.compile(r"%[\w.\-]+|\b[A-Za-z_][\w\-]*(?:\.\d+)+\b")
+
+
+def program_text(hlo: str) -> str:
+    """An optimized HLO module's computations with everything that names
+    where they came from taken out: source metadata, the module's name and
+    file tables, and instruction and computation names (renumbered in order
+    of appearance). Two libraries that lower a call to the same program give
+    the same text."""
+    lines = [
+        _METADATA.sub("", line)
+        for line in hlo.splitlines()
+        if line.lstrip().startswith(("%", "ROOT ", "ENTRY ", "}"))
+    ]
+    names: dict[str, str] = {}
+
+    def rename(m: re.Match[str]) -> str:
+        return names.setdefault(m.group(0).lstrip("%"), f"%n{len(names)}")
+
+    return "\n".join(_NAME.sub(rename, line) for line in lines)
+
+
+# The ops that carry a program's arithmetic on CPU; what is left between
+# them is elementwise work XLA fuses into loops.
+_KERNELS = ("dot", "convolution", "fft", "custom-call")
+_INSTRUCTION = re.compile(r"= (\S+) ([\w\-]+)\((.*?)\)(.*)$")
+
+
+def kernel_signature(text: str) -> list[str]:
+    """The dots, convolutions, FFTs and library calls of a `program_text`:
+    each as its opcode, result type and attributes (operands left out:
+    their names are numbered per program), sorted. Equal for two programs
+    whose arithmetic is the same calls, whatever glue surrounds them."""
+    out = []
+    for line in text.splitlines():
+        m = _INSTRUCTION.search(line)
+        if m and m.group(2) in _KERNELS:
+            out.append(f"{m.group(2)} {m.group(1)}{m.group(4)}")
+    return sorted(out)
+
+
 class Case:
     """A built case: jitted layer and step functions plus their inputs."""
 
@@ -423,6 +466,11 @@ class Case:
         y = jax.block_until_ready(self.layer_fn(variables, full))
         outputs["layer_values"], outputs["layer_mask"] = np.asarray(y[0]), np.asarray(y[1])
         self.timers["layer"] = lambda: jax.block_until_ready(self.layer_fn(variables, full))
+        # What each call compiles to, for `program_text` (lowered lazily: the
+        # driver asks only when it compares programs).
+        self.lowerings: dict[str, Callable[[], Any]] = {
+            "layer": lambda: self.layer_fn.lower(variables, full)
+        }
         for blocks in req["blocks"]:
             block = self.block_size * blocks
             steps = self.frames // block
@@ -435,6 +483,10 @@ class Case:
             outputs[f"step{blocks}_values"] = np.concatenate([np.asarray(y[0]) for y in ys], 1)
             outputs[f"step{blocks}_mask"] = np.concatenate([np.asarray(y[1]) for y in ys], 1)
             self.timers[f"step{blocks}"] = self._step_timer(chunks)
+            first = chunks[0]
+            self.lowerings[f"step{blocks}"] = lambda c=first: self.step_fn.lower(
+                variables, c, self.init_state()
+            )
         self.outputs_out = str(Path(req["dump"]) / f"{SIDE}_outputs.npz")
         np.savez(self.outputs_out, **outputs)
 
@@ -479,6 +531,11 @@ def main() -> None:
                     if elapsed >= req.get("min_seconds", 0.0):
                         break
                 reply = {"ok": True, "seconds": elapsed / runs}
+            elif req["op"] == "program":
+                assert case is not None
+                compiled = case.lowerings[req["what"]]().compile()
+                text = program_text(compiled.as_text())
+                reply = {"ok": True, "program": text, "kernels": kernel_signature(text)}
             elif req["op"] == "info":
                 reply = {"ok": True, "side": SIDE, "jax": jax.__version__, "cases": list(_cases())}
             else:
