@@ -42,9 +42,25 @@ def extract_block_context(
     return x[:, index]
 
 
-# DotProductSelfAttention.layer tiles queries in blocks of this many frames
-# when the band of visible keys is narrow (see `_layer_query_block`).
+# DotProductSelfAttention.layer tiles queries in blocks of a multiple of this
+# many frames when the band of visible keys is narrow (see `_layer_query_block`).
 _LAYER_QUERY_BLOCK = 16
+# Banded `layer()` tiles are up to this many queries (`layer_query_tile`).
+_MAX_LAYER_QUERY_TILE = 64
+
+
+def layer_query_tile(block: int, past: int, future: int) -> int:
+    """Queries a tile of a banded `layer()` takes: a multiple of `block`,
+    about the band's width `past + future` up to `_MAX_LAYER_QUERY_TILE`.
+
+    Each tile is one small matmul per (row, head) in the attention core, and
+    XLA:CPU runs many small matmuls slowly: 4 heads of 36 units, 512 rows of
+    tiles at past 64 (a batch-32 `layer()` of 256 frames), the core took
+    24-26 ms in tiles of 16 queries (16 x 80 logits a tile) and 9.2 ms in
+    tiles of 64 (64 x 128, 1.6x the logits); at past 128, 55.7 ms in tiles
+    of 16 and 17.6 ms in tiles of 64; at past 16, 5.3 ms in 16 and 6.1 in
+    64. Larger tiles went back up (past 64: 10.8 ms at 128, 34 ms dense)."""
+    return block * max(1, min(past + future, _MAX_LAYER_QUERY_TILE) // block)
 
 
 class KVCacheSelfAttention(common.HeadsOutput, Emitting):
@@ -545,6 +561,22 @@ def _attend_ring(
     return context, jnp.transpose(probabilities, (0, 2, 1, 3)), keys_cache, values_cache, kv_mask
 
 
+def window_to_blocks(probs: jax.Array, tile: int, block: int) -> jax.Array:
+    """Probabilities over each query's key window of a `tile`-query tile
+    `[b, t, heads, past + tile + future]` -> over its window of a `block`-query
+    tile `[b, t, heads, past + block + future]` (`tile` a multiple of `block`):
+    query i's `block` window starts `(i % tile) // block * block` keys into
+    its `tile` window, and holds every key it sees. Only runs when the emits
+    are used; `layer()` drops it."""
+    if tile == block:
+        return probs
+    t, c = probs.shape[1], probs.shape[3] - tile + block
+    i = np.arange(t)[:, None]
+    index = (i % tile) // block * block + np.arange(c)[None, :]  # [t, c]
+    index = np.broadcast_to(index[None, :, None, :], (*probs.shape[:3], c))
+    return jnp.take_along_axis(probs, jnp.asarray(index), axis=-1)
+
+
 def _window_to_full(probs: jax.Array, block: int, past: int) -> jax.Array:
     """Probabilities over each query's key window `[b, t, heads, c]` (query i
     in block u = i // block sees keys from u * block - past) -> over all keys
@@ -652,14 +684,17 @@ class DotProductSelfAttention(KVCacheSelfAttention):
         """Query block length for a banded `layer` over `t` frames, or 0 for
         the dense `[t, t]` logits.
 
-        With both horizons bounded, tiles of `_LAYER_QUERY_BLOCK` queries
+        With both horizons bounded, tiles of queries (`layer_query_tile`)
         against their `past + block + future` keys compute the same result;
         used where that is under half of the dense logits (d256 block at
-        past 64, batch 32, 256 frames: 3.2x fewer logits).
+        past 64, batch 32, 256 frames: tiles of 64 compute 2x fewer logits).
         """
         cfg = self.config
-        past, future, block = cfg.max_past_horizon, cfg.max_future_horizon, _LAYER_QUERY_BLOCK
-        if past < 0 or future < 0 or 2 * (past + block + future) > t:
+        past, future = cfg.max_past_horizon, cfg.max_future_horizon
+        if past < 0 or future < 0:
+            return 0
+        block = layer_query_tile(_LAYER_QUERY_BLOCK, past, future)
+        if 2 * (past + block + future) > t:
             return 0
         return block
 

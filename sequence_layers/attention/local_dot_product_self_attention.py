@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from sequence_layers.attention import common
 from sequence_layers.attention.dot_product_self_attention import (
     KVCacheSelfAttention,
+    layer_query_tile,
+    window_to_blocks,
 )
 from sequence_layers.attention.dot_product_self_attention import (
     extract_block_context as extract_block_context,  # re-exported
@@ -30,9 +32,10 @@ class LocalDotProductSelfAttention(KVCacheSelfAttention):
 
     `[b, t, d] -> [b, t, num_heads, units_per_head]`. Numerically the same as
     `DotProductSelfAttention` with the same horizons, but `layer` never builds
-    the `[t, t]` logit matrix: queries are tiled in blocks of `config.block_size`
-    frames, each attending to its `past + block_size + future` key window, so
-    memory grows linearly in t. `config.block_size` only tiles that compute; the
+    the `[t, t]` logit matrix: queries are tiled in blocks of a multiple of
+    `config.block_size` frames (`layer_query_tile`), each attending to its
+    `past + tile + future` key window, so memory grows linearly in t.
+    `config.block_size` only tiles that compute and shapes its emits; the
     layer's own `block_size` is 1 and `step` is exactly `DotProductSelfAttention`'s
     (KV cache, query delay buffer, latency = future horizon).
 
@@ -132,7 +135,12 @@ class LocalDotProductSelfAttention(KVCacheSelfAttention):
     def layer_with_emits(
         self, x: Sequence, *, training: bool, constants: Constants | None = None
     ) -> tuple[Sequence, Emits]:
+        cfg = self.config
         q, k, v = self._project_layer(x, training, constants)
-        context, probs = self._attend_in_blocks(q, k, v, self.config.block_size, training)
+        # The compute's tiles may be larger than `block_size` (faster, same
+        # result); the emits keep the `block_size` windows.
+        tile = layer_query_tile(cfg.block_size, cfg.max_past_horizon, cfg.max_future_horizon)
+        context, probs = self._attend_in_blocks(q, k, v, tile, training)
+        probs = window_to_blocks(probs, tile, cfg.block_size)
         y = Sequence(context.astype(self.get_output_dtype(x.dtype)), q.mask)
         return y, self._emits(Sequence(probs, q.mask))

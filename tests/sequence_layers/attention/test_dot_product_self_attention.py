@@ -225,25 +225,28 @@ def test_no_nan_from_invalid_frames() -> None:
     assert np.all(np.isfinite(np.asarray(y.values)))
 
 
-def test_long_layer_tiles_queries_with_the_same_result() -> None:
-    # 64 frames against a band of 3 + 2: layer() tiles queries in blocks
-    # (see DotProductSelfAttention._layer_query_block); the result, the dense
-    # [t, t] emits and the agreement with step() must not change.
-    t = 64
+@pytest.mark.parametrize(("t", "past", "future", "tile"), [(64, 3, 2, 16), (160, 36, 4, 32)])
+def test_long_layer_tiles_queries_with_the_same_result(
+    t: int, past: int, future: int, tile: int
+) -> None:
+    # t frames against a band of past + future: layer() tiles queries
+    # (see DotProductSelfAttention._layer_query_block; tiles of 32 once the
+    # band is that wide); the result, the dense [t, t] emits and the
+    # agreement with step() must not change.
     x = testing.random_sequence(B, t, D, seed=12)
     mask = np.asarray(x.mask)
-    layer = bind(dsa(max_past_horizon=3, max_future_horizon=2), x)
-    assert layer._layer_query_block(t) > 0
+    layer = bind(dsa(max_past_horizon=past, max_future_horizon=future), x)
+    assert layer._layer_query_block(t) == tile
     y, emits = layer.layer_with_emits(x, training=False)
     kernel = np.asarray(layer.variables["params"]["query_key_value_projection"]["kernel"])
     with np.errstate(invalid="ignore"):  # invalid queries past the end see no key
-        expected = _numpy_attention(np.asarray(x.values), mask, kernel, 3, 2)
+        expected = _numpy_attention(np.asarray(x.values), mask, kernel, past, future)
     got = np.asarray(y.mask_invalid().values)
     np.testing.assert_allclose(got[mask], expected[mask], atol=1e-5)
     probs = np.asarray(emits.probabilities.values)
     assert probs.shape == (B, t, H, t)
     i, j = np.arange(t)[:, None], np.arange(t)[None, :]
-    outside = ~((j - i >= -3) & (j - i <= 2))  # [query, key]
+    outside = ~((j - i >= -past) & (j - i <= future))  # [query, key]
     assert np.all(probs.transpose(0, 2, 1, 3)[:, :, outside] == 0)
     np.testing.assert_allclose(probs.sum(-1)[mask], 1.0, atol=1e-5)
     testing.verify_contract(layer, x, training=False, rtol=1e-5, atol=1e-5)

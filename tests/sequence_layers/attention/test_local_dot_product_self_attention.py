@@ -100,3 +100,30 @@ def test_extract_block_context() -> None:
     x = np.arange(1, 6, dtype=np.int32)[None, :]  # frames 1..5
     blocks = np.asarray(extract_block_context(x, block_size=2, past=1, future=1))
     np.testing.assert_array_equal(blocks[0], [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 0, 0]])
+
+
+def test_layer_tiles_larger_than_block_size_give_the_same_outputs_and_emits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`layer()` computes in tiles of several `block_size` blocks
+    (`layer_query_tile`: 6 queries here, 3 blocks); outputs and the emitted
+    per-block windows equal those of tiles of one block."""
+    from sequence_layers.attention import local_dot_product_self_attention as local_module
+
+    x = testing.random_sequence(B, 23, D, seed=4)
+    layer = bind(local(max_past_horizon=5, max_future_horizon=2, block_size=2), x)
+    assert local_module.layer_query_tile(2, 5, 2) == 6
+    y, emits = layer.layer_with_emits(x, training=False)
+    monkeypatch.setattr(local_module, "layer_query_tile", lambda block, past, future: block)
+    y_blocks, emits_blocks = layer.layer_with_emits(x, training=False)
+    assert emits.probabilities.shape == (B, 23, H, 5 + 2 + 2)
+    valid = np.asarray(y.mask)
+    np.testing.assert_allclose(
+        np.asarray(y.values)[valid], np.asarray(y_blocks.values)[valid], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(emits.probabilities.values)[valid],
+        np.asarray(emits_blocks.probabilities.values)[valid],
+        rtol=1e-5,
+        atol=1e-6,
+    )
