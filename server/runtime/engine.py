@@ -264,9 +264,9 @@ class Engine:
         device) while the running streams' tick computes took the cores
         that tick needed. 64 streams moved onto a demo-asr replica where 32
         run (`loadtests/bench_migration.py`, 2-core EPYC): the residents'
-        tick then took 34-50 ms of device time instead of 10-12, and one of
-        their chunks in 10-25% went over a 50 ms budget in 4 runs of 10;
-        checked between their ticks, in none of 10 (RESULTS.md)."""
+        tick then took 34-50 ms of device time instead of 10-12, and a
+        group of their chunks went over a 50 ms budget in 5 runs of 22;
+        checked between their ticks, in none of 22 (RESULTS.md)."""
         with self._tick_end:
             target = self._on_time_dispatched
             self._tick_end.wait_for(lambda: self._on_time_done >= target, _VERIFY_YIELD_S)
