@@ -273,9 +273,8 @@ class Engine:
         return self.verify(token)
 
     def _count_tick_end(self, tick: Tick) -> None:
-        """Once per tick counted at dispatch, whether it ended or failed."""
+        """A tick counted at dispatch has ended (or failed)."""
         if tick.on_time:
-            tick.on_time = False
             with self._tick_end:
                 self._on_time_done += 1
                 self._tick_end.notify_all()
@@ -408,7 +407,9 @@ class Engine:
             if tick.restores:
                 self.device.write_rows(tick.restores)
             staged = tick.staged
-            tick.on_time = policy.holds_chunks_on_time(
+            # Counted only where tokens are checked: a server without resume
+            # keys does no per-tick work for it.
+            tick.on_time = self.resume_keys is not None and policy.holds_chunks_on_time(
                 (s.resumed_at for s in tick.streams), time.monotonic()
             )
             if tick.on_time:
@@ -462,13 +463,14 @@ class Engine:
     def _complete(self, tick: Tick) -> None:
         """Waits for a dispatched tick's outputs and routes them to streams."""
         try:
-            if tick.error is not None:
-                raise tick.error
-            y, y_mask = self.device.fetch(tick.outputs)
-            self._count_tick_end(tick)
+            try:
+                if tick.error is not None:
+                    raise tick.error
+                y, y_mask = self.device.fetch(tick.outputs)
+            finally:  # off the device, with its outputs or failed
+                self._count_tick_end(tick)
             self.device.recycle(tick.staged)
         except Exception as e:
-            self._count_tick_end(tick)
             with self._cond:
                 self._route(self.scheduler.fail_tick(tick, e))
             return

@@ -71,7 +71,8 @@ class Tick:
     host_seconds: float = 0.0
     dispatch_seconds: float = 0.0
     dispatched: float = 0.0
-    # Holds chunks on time (not only resent audio), until counted as ended.
+    # Holds chunks on time (not only resent audio): resume tokens wait for
+    # it (counted only with resume keys).
     on_time: bool = False
     outputs: Any = None
     error: Exception | None = None
