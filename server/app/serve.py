@@ -36,6 +36,7 @@ from server.errors import ModelLoadError
 from server.frontdoors.auth import AdminAccess, ApiKeys
 from server.frontdoors.grpc import GrpcServer
 from server.frontdoors.http import DrainStatus, create_app
+from server.frontdoors.ws_protocol import protocol_class as ws_protocol_class
 from server.metrics import Metrics
 from server.resume import ResumeKeyError, load_keys
 from server.runtime import Runtime
@@ -127,6 +128,9 @@ async def serve(args: argparse.Namespace) -> int:
             # output (loadtests/bench_doors.py). Clients that offer it get
             # plain frames, as RFC 7692 lets a server answer.
             ws_per_message_deflate=False,
+            # Reading pauses only past a high-water mark, not around every
+            # message (server/frontdoors/ws_protocol.py).
+            ws=ws_protocol_class(),
             # Streams were drained already; never hang on a stuck connection.
             timeout_graceful_shutdown=2,
         )
