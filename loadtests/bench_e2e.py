@@ -52,6 +52,31 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of a `sl-serve` process by thread group: `xla` (XLA's
+    compute pool, threads named tf_*), `event_loop` (the main thread: both
+    doors), `tick` (the engines' tick threads, sl-tick-*) and `other`."""
+    out = dict.fromkeys(("xla", "event_loop", "tick", "other"), 0.0)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if task.name == str(pid):
+            group = "event_loop"
+        elif name.startswith("tf_"):
+            group = "xla"
+        elif name.startswith("sl-tick"):
+            group = "tick"
+        else:
+            group = "other"
+        out[group] += seconds
+    return out
+
+
 def bare(model: ServableModel, batch: int, chunk: int, steps: int) -> dict[str, float]:
     """Audio s/s and CPU s per audio s of the bare step at `batch`."""
     bare_steps(model, batch, chunk, 3)  # compile and warm
@@ -118,16 +143,24 @@ def run(server: Server, args: argparse.Namespace, streams: int) -> dict[str, Any
     """One load run of `streams` real-time streams: the generator's summary,
     plus the server's CPU per served audio second and its mean batch."""
     cpu0, (sum0, n0) = _cpu_seconds(server.proc.pid), server.batch_totals(args.model)
+    threads0, own0, wall0 = thread_cpu_seconds(server.proc.pid), time.process_time(), time.time()
     summary = asyncio.run(loadtest.run_load(args, streams, progress=False)).summary()
+    threads1, own1, wall1 = thread_cpu_seconds(server.proc.pid), time.process_time(), time.time()
     cpu1, (sum1, n1) = _cpu_seconds(server.proc.pid), server.batch_totals(args.model)
     served = summary["throughput_audio_s_per_s"] * args.duration
     summary["server_cpu_s_per_audio_s"] = round((cpu1 - cpu0) / served, 4) if served else None
+    # Where the cores went: the server's threads and this process (the
+    # load generator), in cores over the run.
+    wall = wall1 - wall0
+    summary["server_cores"] = {k: round((threads1[k] - threads0[k]) / wall, 3) for k in threads1}
+    summary["generator_cores"] = round((own1 - own0) / wall, 3)
     summary["mean_batch"] = round((sum1 - sum0) / (n1 - n0), 2) if n1 > n0 else None
     lat = summary["chunk_latency_ms"]
     print(
         f"  {streams:4d} streams: {summary['throughput_audio_s_per_s']:7.1f} audio s/s, "
         f"p50 {lat['p50']} p99 {lat['p99']} ms, batch {summary['mean_batch']}, "
-        f"refused {summary['refused']}, errors {summary['errors']}",
+        f"refused {summary['refused']}, errors {summary['errors']}; cores: server "
+        f"{summary['server_cores']}, generator {summary['generator_cores']}",
         file=sys.stderr,
     )
     return summary
