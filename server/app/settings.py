@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from server.app.config_file import load_config_file, scheduler_config
 from server.compile_cache import enable_compile_cache
+from server.cpus import available_cpus
 from server.defaults import BUILTIN_MODELS, DOWNLOADED_MODELS
 from server.errors import ModelLoadError
 from server.model import ServableModel, load_model_dir
@@ -114,36 +114,6 @@ def default_xla_cpu_threads() -> int:
     (loadtests/RESULTS.md, issue 16, has the end-to-end figures).
     """
     return max(1, available_cpus() - 1)
-
-
-def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """The CPUs this process may run on, capped by its cgroup's CPU quota (a
-    container's CPU limit: the affinity mask still lists every host CPU)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    quota = cgroup_cpu_quota(cgroup)
-    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
-
-
-def cgroup_cpu_quota(cgroup: Path) -> float | None:
-    """CPUs' worth of time the CFS quota allows per period (cgroup v2
-    `cpu.max`, else v1 `cpu/cpu.cfs_quota_us`); None without a quota."""
-    try:
-        quota, period = (cgroup / "cpu.max").read_text().split()
-    except (OSError, ValueError):
-        try:
-            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        except OSError:
-            return None
-    if quota in ("max", "-1"):
-        return None
-    try:
-        return int(quota) / int(period)
-    except (ValueError, ZeroDivisionError):
-        return None
 
 
 def configure_xla_cpu_threads(threads: int | None) -> int | None:

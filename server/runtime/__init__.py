@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from server.cpus import available_cpus
 from server.errors import ModelNotFound
 from server.model import ModelInfo, ServableModel
 from server.resume import ResumeKeys
@@ -109,7 +109,7 @@ class Runtime:
             if on_ready is not None and self.engines[name].ready:
                 on_ready(name)
 
-        workers = max(1, min(len(order), 2, os.cpu_count() or 1))
+        workers = max(1, min(len(order), 2, available_cpus()))
         if workers > 1:  # the largest at once: it finishes last (warm demo-asr: 4 s later)
             order = order[-1:] + order[:-1]
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:

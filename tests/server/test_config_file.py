@@ -140,11 +140,12 @@ def test_xla_cpu_threads_from_the_flag_else_the_environment_else_all_cpus_but_on
 ) -> None:
     from jax._src import xla_bridge
 
+    from server import cpus
     from server.app import settings as app_settings
 
     monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
-    monkeypatch.setattr(app_settings.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(app_settings, "cgroup_cpu_quota", lambda root: None)
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(cpus, "cgroup_cpu_quota", lambda root: None)
     for name in ("PJRT_NPROC", "NPROC"):
         # Recorded first, so whatever the code under test sets is undone.
         monkeypatch.setenv(name, "")
@@ -159,7 +160,7 @@ def test_xla_cpu_threads_from_the_flag_else_the_environment_else_all_cpus_but_on
     assert "PJRT_NPROC" not in app_settings.os.environ
     assert app_settings.configure_xla_cpu_threads(5) == 5
     assert app_settings.os.environ["PJRT_NPROC"] == "5"
-    monkeypatch.setattr(app_settings.os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0})
     assert app_settings.default_xla_cpu_threads() == 1
     # Too late once JAX's backend has started: it read the variable already.
     monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
@@ -175,21 +176,21 @@ def test_xla_cpu_threads_from_the_flag_else_the_environment_else_all_cpus_but_on
 def test_available_cpus_are_capped_by_the_cgroup_quota(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from server.app import settings as app_settings
+    from server import cpus
 
-    monkeypatch.setattr(app_settings.os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert app_settings.available_cpus(tmp_path) == 16  # no cgroup files: no quota
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert cpus.available_cpus(tmp_path) == 16  # no cgroup files: no quota
     v1 = tmp_path / "cpu"
     v1.mkdir()
     (v1 / "cpu.cfs_quota_us").write_text("-1\n")
     (v1 / "cpu.cfs_period_us").write_text("100000\n")
-    assert app_settings.available_cpus(tmp_path) == 16
+    assert cpus.available_cpus(tmp_path) == 16
     (v1 / "cpu.cfs_quota_us").write_text("250000\n")  # a 2.5-CPU limit
-    assert app_settings.available_cpus(tmp_path) == 3
+    assert cpus.available_cpus(tmp_path) == 3
     (tmp_path / "cpu.max").write_text("max 100000\n")  # v2 wins where it exists
-    assert app_settings.available_cpus(tmp_path) == 16
+    assert cpus.available_cpus(tmp_path) == 16
     (tmp_path / "cpu.max").write_text("50000 100000\n")
-    assert app_settings.available_cpus(tmp_path) == 1
+    assert cpus.available_cpus(tmp_path) == 1
 
 
 def test_positive_knobs_are_refused_at_the_command_line(
