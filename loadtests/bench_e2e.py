@@ -46,10 +46,15 @@ from server.model import ServableModel
 from tests.server.serving import ServerProcess
 
 
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _stat_cpu_seconds(stat: str) -> float:
+    """utime + stime, in seconds, from the text of a /proc `stat` file."""
+    fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads, ended ones included)."""
+    return _stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
@@ -63,8 +68,7 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
         except OSError:
             continue  # a thread that ended meanwhile
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        seconds = _stat_cpu_seconds(stat)
         if task.name == str(pid):
             group = "event_loop"
         elif name.startswith("tf_"):

@@ -60,10 +60,8 @@ if WebSocketsSansIOProtocol is not None:
         async def receive(self) -> Any:
             # The base class resumes reading once nothing waits.
             message = await super().receive()
-            data = message.get("bytes") if message["type"] == "websocket.receive" else None
-            if data is None and message["type"] == "websocket.receive":
-                data = message.get("text", "").encode()
-            if data is not None:
+            if message["type"] == "websocket.receive":  # counted when queued
+                data = message.get("bytes") or message.get("text", "").encode()
                 self.queued_bytes = max(0, self.queued_bytes - len(data))
             return message
 
