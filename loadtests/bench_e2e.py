@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-blocks", type=int, default=4)
     p.add_argument("--chunk-ms", type=float, default=160.0)
     p.add_argument("--door", choices=("ws", "grpc"), default="ws")
+    p.add_argument(
+        "--client", choices=("lean", "full"), default="lean", help="sl-loadtest's --client"
+    )
     p.add_argument("--duration", type=float, default=20.0, help="seconds per load run")
     p.add_argument("--utterance-s", type=float, default=8.0)
     p.add_argument("--batches", default="8,16,32,64", help="bare-step batch sizes")
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         utterance_s=args.utterance_s,
         server_chunk_blocks=args.chunk_blocks,
         fast=False,
+        client=args.client,
         api_key=None,
         ca_cert=None,
         streams=max(1, c // 4),

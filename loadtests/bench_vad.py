@@ -85,6 +85,7 @@ def _load_args(url: str, args: argparse.Namespace, server_chunk_blocks: int) -> 
         utterance_s=args.utterance_s,
         server_chunk_blocks=server_chunk_blocks,
         fast=False,
+        client="lean",
         capacity=True,
         target_p99_ms=args.target_p99_ms,
         max_streams=args.max_streams,

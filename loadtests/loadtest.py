@@ -24,6 +24,7 @@ import gc
 import json
 import math
 import random
+import ssl
 import sys
 import time
 from collections import Counter
@@ -34,6 +35,7 @@ import numpy as np
 import websockets
 
 from clients.client import Ended, Output, Started, StreamingError, aconnect
+from loadtests.wsload import LeanClient, Plan, lean_urls
 
 # gRPC's connection backoff (grpc/grpc doc/connection-backoff.md).
 _INITIAL_BACKOFF_S = 1.0
@@ -156,6 +158,19 @@ async def one_utterance(
     return StreamResult(latencies, first, len(audio) / rate, elapsed, None, in_window / rate)
 
 
+def lean_client(
+    args: argparse.Namespace, info: dict[str, Any], audio: np.ndarray, rate: int
+) -> LeanClient | None:
+    """The run's lean WebSocket streams (loadtests/wsload.py), or None where
+    the run goes through `clients.client`: `--client full`, or gRPC."""
+    if args.client != "lean" or not lean_urls([args.url]):
+        return None
+    chunk = max(1, int(rate * args.chunk_ms / 1000))
+    plan = Plan(audio, rate, chunk, info, args.server_chunk_blocks, args.fast)
+    context = ssl.create_default_context(cafile=args.ca_cert) if args.ca_cert else None
+    return LeanClient(args.url, args.model, plan, api_key=args.api_key, ssl_context=context)
+
+
 async def run_load(args: argparse.Namespace, streams: int, progress: bool = True) -> RunStats:
     # What exists now lives through the run: frozen, the collector's full
     # passes skip it. In a process that also holds JAX and compiled models
@@ -174,16 +189,25 @@ async def run_load(args: argparse.Namespace, streams: int, progress: bool = True
     rng = np.random.default_rng(0)
     shape = tuple(info["input_shape"])
     audio = (rng.normal(size=(int(args.utterance_s * rate), *shape)) * 0.1).astype(np.float32)
+    lean = lean_client(args, info, audio, rate)
     results: list[StreamResult] = []
     start = time.monotonic()
     end = start + args.duration
+
+    async def utterance() -> StreamResult:
+        if lean is None:
+            return await one_utterance(client, args, info, audio, end)
+        latencies, first, error, in_window, audio_s, wall = await lean.utterance(end)
+        return StreamResult(
+            latencies, first, audio_s, wall, error, None if error else in_window / rate
+        )
 
     async def worker(index: int) -> None:
         await asyncio.sleep(args.ramp_up * index / max(streams, 1))
         backoff = random.Random(index)
         failures = 0
         while time.monotonic() < end:
-            result = await one_utterance(client, args, info, audio, end)
+            result = await utterance()
             results.append(result)
             if not result.error:
                 failures = 0
@@ -301,6 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--utterance-s", type=float, default=4.0)
     p.add_argument("--server-chunk-blocks", type=int, default=1, help="the server's --chunk-blocks")
     p.add_argument("--fast", action="store_true", help="send as fast as possible, not real time")
+    p.add_argument(
+        "--client",
+        choices=("lean", "full"),
+        default="lean",
+        help="ws:// streams: 'lean' speaks the protocol on a bare asyncio protocol and takes "
+        "~1/3 of the CPU (loadtests/wsload.py); 'full' goes through clients.client and follows "
+        "moves. gRPC always uses clients.client",
+    )
     p.add_argument("--capacity", action="store_true", help="find the largest stream count")
     p.add_argument("--target-p99-ms", type=float, default=100.0)
     p.add_argument("--max-streams", type=int, default=4096)

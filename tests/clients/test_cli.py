@@ -202,6 +202,33 @@ def test_sl_loadtest_report_and_plot(server: ServerProcess, door: str, tmp_path:
     assert result["real_time_factor"] >= 0.9
 
 
+def test_sl_loadtest_lean_and_full_websocket_clients_agree(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """`--client lean` (loadtests/wsload.py, the default) times the same
+    chunks as `--client full` (clients.client): as many per utterance, none
+    of them lost."""
+    runs = {
+        c: loadtest(server, "ws", tmp_path, "--streams", "2", "--duration", "2", "--client", c)
+        for c in ("lean", "full")
+    }
+    for run in runs.values():
+        check_run(run, 2)
+        assert run["real_time_factor"] >= 0.9
+    per_utterance = {c: r["chunk_latency_ms"]["count"] / r["utterances"] for c, r in runs.items()}
+    assert per_utterance["lean"] == per_utterance["full"] > 0
+
+
+def test_lean_stream_reports_the_servers_refusal(server: ServerProcess) -> None:
+    from loadtests.wsload import LeanClient, Plan
+
+    info = {"output_ratio": {"numerator": 1, "denominator": 160}, "block_size": 160}
+    plan = Plan(np.zeros((1600, 1), np.float32), RATE, 1600, {**info, "output_latency": 2}, 4, True)
+    client = LeanClient(server.ws_url, "no-such-model", plan)
+    latencies, first, error, *_ = asyncio.run(client.utterance())
+    assert (latencies, first, error) == ([], None, "NOT_FOUND")
+
+
 def test_sl_loadtest_capacity(server: ServerProcess, tmp_path: Path) -> None:
     result = loadtest(
         server,
