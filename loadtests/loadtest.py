@@ -35,7 +35,7 @@ import numpy as np
 import websockets
 
 from clients.client import Ended, Output, Started, StreamingError, aconnect
-from loadtests.wsload import LeanClient, Plan, lean_urls
+from loadtests.wsload import LeanClient, Plan, frames_answering, lean_url
 
 # gRPC's connection backoff (grpc/grpc doc/connection-backoff.md).
 _INITIAL_BACKOFF_S = 1.0
@@ -110,8 +110,6 @@ async def one_utterance(
 ) -> StreamResult:
     rate = info["sample_rate"] or 100
     chunk = max(1, int(rate * args.chunk_ms / 1000))
-    ratio = info["output_ratio"]["numerator"] / info["output_ratio"]["denominator"]
-    server_chunk = info["block_size"] * args.server_chunk_blocks
     pending: list[tuple[int, float]] = []  # (output frames needed, time sent)
     latencies: list[float] = []
     start = time.monotonic()
@@ -125,9 +123,7 @@ async def one_utterance(
                 await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
             piece = audio[i : i + chunk]
             sent += len(piece)
-            needed = (
-                math.floor((sent // server_chunk) * server_chunk * ratio) - info["output_latency"]
-            )
+            needed = frames_answering(sent, info, args.server_chunk_blocks)
             now = time.monotonic()
             if needed > 0:
                 pending.append((needed, now))
@@ -163,7 +159,7 @@ def lean_client(
 ) -> LeanClient | None:
     """The run's lean WebSocket streams (loadtests/wsload.py), or None where
     the run goes through `clients.client`: `--client full`, or gRPC."""
-    if args.client != "lean" or not lean_urls([args.url]):
+    if args.client != "lean" or not lean_url(args.url):
         return None
     chunk = max(1, int(rate * args.chunk_ms / 1000))
     plan = Plan(audio, rate, chunk, info, args.server_chunk_blocks, args.fast)

@@ -36,7 +36,6 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote, urlparse
 
@@ -90,8 +89,6 @@ class Plan:
     ) -> None:
         rng = np.random.default_rng(1)
         wire = np.ascontiguousarray(audio, dtype="<f4")
-        ratio = info["output_ratio"]["numerator"] / info["output_ratio"]["denominator"]
-        server_chunk = info["block_size"] * server_chunk_blocks
         self.rate = rate
         self.fast = fast
         self.audio_seconds = len(audio) / rate
@@ -106,8 +103,7 @@ class Plan:
             self.due.append(i / rate)
             sent += len(piece)
             self.samples.append(len(piece))
-            served = (sent // server_chunk) * server_chunk
-            self.needed.append(math.floor(served * ratio) - info["output_latency"])
+            self.needed.append(frames_answering(sent, info, server_chunk_blocks))
         self.end_frame = client_frame(_TEXT, b'{"type": "end"}', rng.bytes(4))
 
 
@@ -195,8 +191,6 @@ class LeanStream(asyncio.Protocol):
                 return
             pos = at + length
             self._frame(b0 & 0x80, b0 & 0x0F, buf, at, length)
-            if self.transport is None:
-                return
         del buf[:pos]
 
     # Frames ----------------------------------------------------------------------------
@@ -397,6 +391,14 @@ class LeanClient:
         return latencies, first, error, in_window, self.plan.audio_seconds, wall
 
 
-def lean_urls(urls: Sequence[str]) -> bool:
-    """Whether lean streams can carry a run against `urls`."""
-    return all(u.startswith(("ws://", "wss://")) for u in urls)
+def lean_url(url: str) -> bool:
+    """Whether lean streams can carry a run against `url`."""
+    return url.startswith(("ws://", "wss://"))
+
+
+def frames_answering(sent: int, info: dict[str, Any], server_chunk_blocks: int) -> int:
+    """Output frames that answer a stream's first `sent` input samples once
+    the server has stepped every whole chunk of them (<= 0: none yet)."""
+    ratio = info["output_ratio"]["numerator"] / info["output_ratio"]["denominator"]
+    server_chunk = info["block_size"] * server_chunk_blocks
+    return math.floor((sent // server_chunk) * server_chunk * ratio) - info["output_latency"]
