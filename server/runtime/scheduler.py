@@ -38,6 +38,8 @@ Delivery = tuple[Stream, Any]
 # Longest a stream may outlive its idle or slow-consumer timeout: timeouts
 # are seconds long, and the check walks every stream.
 _EXPIRE_INTERVAL_S = 0.05
+# How long one pass over the streams serves admission (`Scheduler._senders`).
+SENDERS_TTL_S = 0.05
 
 
 @dataclasses.dataclass
@@ -125,6 +127,10 @@ class Scheduler:
         # When a stream last resumed here: until `RESEND_S` after it, ticks
         # look out for resent audio (`_resent_as_padding`).
         self._last_resumed = -math.inf
+        # `_senders`' last pass over the streams, and when it was.
+        self._sender_periods: list[float] = []
+        self._sender_count = 0
+        self._senders_at = -math.inf
 
     # Streams ---------------------------------------------------------------------
 
@@ -154,8 +160,7 @@ class Scheduler:
             total=total,
             budget_ms=self.config.latency_budget_ms,
             predicted=policy.predicted_overload(
-                (s.period for s in self._streams.values() if s.period is not None),
-                len(self._streams),
+                *self._senders(now),
                 # Until the buckets have run, the warm-up's (idle) figures.
                 self.tick_times.served() or self.tick_times.as_dict(),
                 self.steps.capacity,
@@ -174,7 +179,35 @@ class Scheduler:
             now,
         )
         self._streams[slot] = stream
+        self._sender_count += 1  # counted so until the next pass
         return stream
+
+    def _senders(self, now: float) -> tuple[list[float], int]:
+        """What admission predicts the load from: the chunk periods of the
+        streams still taking input (those that have one), and how many
+        such streams there are.
+
+        Ending streams are left out: they send nothing more, their flush
+        is a tick or two, and their slots free soon after. Counted, a
+        client's next utterance arriving while its last one flushed was
+        refused: at 310 demo-asr streams, 20 of them flushing put the
+        prediction 5% over a device that had 10% of its time free.
+
+        One pass over the streams serves `SENDERS_TTL_S` of handshakes (a
+        pass a handshake was O(streams) each, ~8% of an event loop taking
+        a refused storm); streams admitted meanwhile are added to its count.
+        """
+        if not 0 <= now - self._senders_at <= SENDERS_TTL_S:
+            periods: list[float] = []
+            count = 0
+            for stream in self._streams.values():
+                if stream.phase is Phase.OPEN:
+                    count += 1
+                    if stream.period is not None:
+                        periods.append(stream.period)
+            self._sender_periods, self._sender_count = periods, count
+            self._senders_at = now
+        return self._sender_periods, self._sender_count
 
     def resume(
         self, stream_id: str, now: float, snapshot: StreamSnapshot

@@ -17,6 +17,7 @@ import pytest
 from sequence_layers import testing
 from server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from server.runtime import MAX_IN_FLIGHT, Ended, Engine, Output, SchedulerConfig, policy
+from server.runtime import scheduler as scheduler_module
 from server.runtime.scheduler import Scheduler, Tick
 from server.runtime.stream import CANCELLED, Phase, Stream
 from server.stats import StreamStats
@@ -120,7 +121,7 @@ def test_model_at_capacity_refuses_new_streams_until_the_load_goes() -> None:
     for _ in range(30):
         h.push(a, np.ones(4))
         h.push(b, np.ones(4))
-        h.now += 0.1
+        h.now += 2 * scheduler_module.SENDERS_TTL_S
         assert h.step() is not None
     with pytest.raises(ResourceExhausted, match="at capacity"):
         h.add("c")
@@ -128,6 +129,34 @@ def test_model_at_capacity_refuses_new_streams_until_the_load_goes() -> None:
     for s in (a, b):
         h.collect(h.scheduler.cancel(s, None, "cancelled"))
     h.add("c")  # no load left: admitted
+
+
+def test_admission_predicts_from_streams_still_sending() -> None:
+    # Six streams send a chunk every 0.4 s (2.5 a second each) to a device
+    # measured at 18 rows a second (admission keeps 0.9 of it: 16.2).
+    h = Harness(max_streams=16, latency=2)
+    streams = [h.add(f"s{i}") for i in range(6)]
+    for _ in range(4):
+        for stream in streams:
+            h.push(stream, np.ones(4))
+        while h.step() is not None:
+            pass
+        h.now += 0.4
+    assert all(s.period == pytest.approx(0.4) for s in streams)
+    h.scheduler.steps.capacity = 18.0
+    with pytest.raises(ResourceExhausted, match="send about as many chunks"):
+        h.add("x")  # 7 x 2.5 = 17.5 > 16.2
+    # Two streams end: flushing their latency, they send nothing more and
+    # do not count (counted, the next stream would be refused as above).
+    for stream in streams[:2]:
+        h.collect(h.scheduler.end(stream, h.now))
+        assert stream.phase is Phase.ENDING
+    h.now += 2 * scheduler_module.SENDERS_TTL_S
+    h.add("y")  # 5 x 2.5
+    # Within one pass's lifetime, admitted streams are counted as they come.
+    h.add("z")  # 6 x 2.5
+    with pytest.raises(ResourceExhausted, match="send about as many chunks"):
+        h.add("w")  # 7 x 2.5
 
 
 def test_timely_chunks_do_not_count_as_overload() -> None:
@@ -138,7 +167,7 @@ def test_timely_chunks_do_not_count_as_overload() -> None:
         h.push(b, np.ones(4))
         h.now += 0.002
         h.step()
-        h.now += 0.1
+        h.now += 2 * scheduler_module.SENDERS_TTL_S
     snap = h.scheduler.snapshot(h.now)
     assert snap.recent_chunks > 0 and snap.late_chunks == 0 and not snap.overloaded
     h.add("c")
