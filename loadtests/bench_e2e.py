@@ -121,36 +121,59 @@ class Server(ServerProcess):
     def stream_url(self, door: str) -> str:
         return f"grpc://{self.grpc_target}" if door == "grpc" else self.ws_url
 
-    def batch_totals(self, model: str) -> tuple[float, float]:
-        """(sum, count) of `sl_tick_batch_size` so far. An overloaded server
-        can be slow to answer (its event loop is busy with streams): retry."""
+    def metrics_text(self) -> str:
+        """`/metrics` now. An overloaded server can be slow to answer (its
+        event loop is busy with streams): retry."""
         for attempt in range(5):
             try:
-                text = urllib.request.urlopen(self.url("/metrics"), timeout=60).read().decode()
-                break
+                return urllib.request.urlopen(self.url("/metrics"), timeout=60).read().decode()
             except OSError:
                 if attempt == 4:
                     raise
                 time.sleep(5)
-        found = {}
-        for kind in ("sum", "count"):
-            m = re.search(rf'^sl_tick_batch_size_{kind}{{model="{model}"}} (\S+)$', text, re.M)
-            found[kind] = float(m.group(1)) if m else 0.0
-        return found["sum"], found["count"]
+        raise AssertionError("unreachable")
+
+    def counters(self, model: str) -> dict[str, float]:
+        """Counters a load run reads the change of: `batch_sum` and
+        `batch_count` of `sl_tick_batch_size`, and `refused:REASON` for each
+        admission rule that refused streams (`sl_streams_rejected_total`)."""
+        return parse_counters(self.metrics_text(), model)
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.terminate(timeout=30)
 
 
+def parse_counters(text: str, model: str) -> dict[str, float]:
+    """See `Server.counters`."""
+    found = {}
+    for kind in ("sum", "count"):
+        m = re.search(rf'^sl_tick_batch_size_{kind}{{model="{model}"}} (\S+)$', text, re.M)
+        found[f"batch_{kind}"] = float(m.group(1)) if m else 0.0
+    pattern = rf'^sl_streams_rejected_total{{model="{model}",reason="(\w+)"}} (\S+)$'
+    for reason, value in re.findall(pattern, text, re.M):
+        found[f"refused:{reason}"] = float(value)
+    return found
+
+
+def refusals(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """Streams refused between two `Server.counters` readings, by reason."""
+    return {
+        k.partition(":")[2]: int(v - before.get(k, 0.0))
+        for k, v in after.items()
+        if k.startswith("refused:") and v > before.get(k, 0.0)
+    }
+
+
 def run(server: Server, args: argparse.Namespace, streams: int) -> dict[str, Any]:
     """One load run of `streams` real-time streams: the generator's summary,
     plus the server's CPU per served audio second and its mean batch."""
-    cpu0, (sum0, n0) = _cpu_seconds(server.proc.pid), server.batch_totals(args.model)
+    cpu0, counts0 = _cpu_seconds(server.proc.pid), server.counters(args.model)
     threads0, own0, wall0 = thread_cpu_seconds(server.proc.pid), time.process_time(), time.time()
     summary = asyncio.run(loadtest.run_load(args, streams, progress=False)).summary()
     threads1, own1, wall1 = thread_cpu_seconds(server.proc.pid), time.process_time(), time.time()
-    cpu1, (sum1, n1) = _cpu_seconds(server.proc.pid), server.batch_totals(args.model)
+    cpu1, counts1 = _cpu_seconds(server.proc.pid), server.counters(args.model)
+    change = {k: v - counts0.get(k, 0.0) for k, v in counts1.items()}
     served = summary["throughput_audio_s_per_s"] * args.duration
     summary["server_cpu_s_per_audio_s"] = round((cpu1 - cpu0) / served, 4) if served else None
     # Where the cores went: the server's threads and this process (the
@@ -158,12 +181,16 @@ def run(server: Server, args: argparse.Namespace, streams: int) -> dict[str, Any
     wall = wall1 - wall0
     summary["server_cores"] = {k: round((threads1[k] - threads0[k]) / wall, 3) for k in threads1}
     summary["generator_cores"] = round((own1 - own0) / wall, 3)
-    summary["mean_batch"] = round((sum1 - sum0) / (n1 - n0), 2) if n1 > n0 else None
+    ticks = change["batch_count"]
+    summary["mean_batch"] = round(change["batch_sum"] / ticks, 2) if ticks else None
+    # Which admission rule refused the streams the generator counts as refused.
+    summary["refused_by_reason"] = refusals(counts0, counts1)
     lat = summary["chunk_latency_ms"]
     print(
         f"  {streams:4d} streams: {summary['throughput_audio_s_per_s']:7.1f} audio s/s, "
         f"p50 {lat['p50']} p99 {lat['p99']} ms, batch {summary['mean_batch']}, "
-        f"refused {summary['refused']}, errors {summary['errors']}; cores: server "
+        f"refused {summary['refused']} {summary['refused_by_reason']}, errors "
+        f"{summary['errors']}; cores: server "
         f"{summary['server_cores']}, generator {summary['generator_cores']}",
         file=sys.stderr,
     )
@@ -229,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         sat = run(server, gen, int(1.5 * c))
         over = run(server, gen, 2 * c)
         print("real-time capacity:", file=sys.stderr)
+        before = server.counters(args.model)
         capacity, sweep = asyncio.run(loadtest.find_capacity(gen))
+        probes_refused = refusals(before, server.counters(args.model))
+        print(f"refused during the capacity search, by reason: {probes_refused}", file=sys.stderr)
     finally:
         server.stop()
     batch = max(1, round(sat["mean_batch"] or 1))
@@ -241,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         overload=over,
         bare_at_served_batch=at_batch,
         realtime_capacity=capacity,
+        capacity_search_refused_by_reason=probes_refused,
         sweep=sweep,
         a_served_over_bare=round(sat["throughput_audio_s_per_s"] / at_batch["audio_s_per_s"], 3),
         a_cpu_server_over_bare=(

@@ -60,6 +60,15 @@ class Metrics:
             ["model", "outcome"],
             registry=registry,
         )
+        # Beside sl_streams_total{outcome="rejected"}: which admission rule
+        # refused them (draining, compiling, full, late, predicted), so an
+        # operator can tell a full replica from one whose chunks run late.
+        self.streams_rejected = Counter(
+            "sl_streams_rejected_total",
+            "Streams refused at admission, by reason.",
+            ["model", "reason"],
+            registry=registry,
+        )
         self.tick_seconds = Histogram(
             "sl_tick_seconds",
             "One device tick.",
@@ -126,6 +135,8 @@ class Metrics:
             self.output_frames.labels(stats.model).inc(stats.output_frames)
         elif isinstance(stats, StreamStats):
             self.streams_total.labels(stats.model, stats.outcome).inc()
+            if stats.reason:
+                self.streams_rejected.labels(stats.model, stats.reason).inc()
             if stats.first_output_seconds is not None:
                 self.first_output.labels(stats.model).observe(stats.first_output_seconds)
         elif isinstance(stats, ChunkStats):

@@ -44,6 +44,8 @@ class StreamStats:
     frames_in: int = 0
     frames_out: int = 0
     first_output_seconds: float | None = None
+    # Why a `rejected` stream was refused (`policy.Refusal.reason`).
+    reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

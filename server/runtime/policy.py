@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import math
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from server.errors import ResourceExhausted, StreamError, Unavailable
 
@@ -551,7 +552,17 @@ def predicted_overload(
     return sum(rates) / len(rates) * (open_streams + 1) > limit
 
 
-def admission_error(
+class Refusal(NamedTuple):
+    """Why a new stream is refused: `reason` for the metrics (`draining`,
+    `compiling`, `full`, `late`: chunks miss the budget, `predicted`: one
+    more stream would ask for more than the device steps) and the error the
+    client gets."""
+
+    reason: str
+    error: StreamError
+
+
+def admission_refusal(
     name: str,
     *,
     accepting: bool,
@@ -562,27 +573,41 @@ def admission_error(
     total: int,
     budget_ms: float,
     predicted: bool = False,
-) -> StreamError | None:
+) -> Refusal | None:
     """Why a new stream is refused now, or None to admit it (`predicted`:
     `predicted_overload` said one more stream is too many)."""
     if draining:
-        return Unavailable("the server is draining; reconnect to another replica.")
+        return Refusal(
+            "draining", Unavailable("the server is draining; reconnect to another replica.")
+        )
     if not accepting:
-        return Unavailable(f"model {name!r} is still compiling; retry when /readyz is 200.")
+        return Refusal(
+            "compiling",
+            Unavailable(f"model {name!r} is still compiling; retry when /readyz is 200."),
+        )
     if open_streams >= max_streams:
-        return ResourceExhausted(
-            f"model {name!r} is serving its maximum of {max_streams} streams; retry later or "
-            "use another replica."
+        return Refusal(
+            "full",
+            ResourceExhausted(
+                f"model {name!r} is serving its maximum of {max_streams} streams; retry later "
+                "or use another replica."
+            ),
         )
     if overloaded(late, total):
-        return ResourceExhausted(
-            f"model {name!r} is at capacity: {late} of its last {total} chunks missed its "
-            f"{budget_ms:g} ms latency budget; retry later or use another replica."
+        return Refusal(
+            "late",
+            ResourceExhausted(
+                f"model {name!r} is at capacity: {late} of its last {total} chunks missed its "
+                f"{budget_ms:g} ms latency budget; retry later or use another replica."
+            ),
         )
     if predicted:
-        return ResourceExhausted(
-            f"model {name!r} is at capacity: its {open_streams} streams send about as many "
-            "chunks a second as its device steps; retry later or use another replica."
+        return Refusal(
+            "predicted",
+            ResourceExhausted(
+                f"model {name!r} is at capacity: its {open_streams} streams send about as many "
+                "chunks a second as its device steps; retry later or use another replica."
+            ),
         )
     return None
 

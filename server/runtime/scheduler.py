@@ -150,7 +150,7 @@ class Scheduler:
         says why not (draining, compiling, full, over capacity)."""
         late, total = self.late.counts(now)
         self.steps.update(policy.overloaded(late, total))
-        error = policy.admission_error(
+        refusal = policy.admission_refusal(
             self.name,
             accepting=self.accepting,
             draining=self.draining,
@@ -166,9 +166,9 @@ class Scheduler:
                 self.steps.capacity,
             ),
         )
-        if error is not None:
-            self._record(StreamStats(self.name, "rejected"))
-            raise error
+        if refusal is not None:
+            self._record(StreamStats(self.name, "rejected", reason=refusal.reason))
+            raise refusal.error
         slot = self._free_slots.pop()
         stream = Stream(
             slot,

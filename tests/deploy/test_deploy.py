@@ -56,7 +56,7 @@ def test_dashboard_queries_only_exposed_metrics() -> None:
     assert used and used <= exposed, used - exposed
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for topic in ("slots", "outcome", "tick time", "batch", "queue", "chunk latency",
-                  "first-output", "frames", "real-time", "errors"):  # fmt: skip
+                  "first-output", "frames", "real-time", "errors", "refused"):  # fmt: skip
         assert topic in titles
 
 

@@ -88,6 +88,7 @@ def test_metrics_after_known_streams() -> None:
         assert m("sl_streams_total", outcome="ok") == 3
         assert m("sl_streams_total", outcome="cancelled") == 1
         assert m("sl_streams_total", outcome="rejected") == 1
+        assert m("sl_streams_rejected_total", reason="full") == 1  # the one slot was held
         assert m("sl_streams_total", outcome="error") == 1
         assert m("sl_streams_total", outcome="timeout") == 1
         assert m("sl_errors_total", code="INVALID_ARGUMENT") == 1

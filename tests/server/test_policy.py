@@ -277,7 +277,7 @@ def test_overloaded_needs_enough_chunks_and_a_late_share() -> None:
     assert not policy.overloaded(12, 50)
 
 
-def admit(**kw: object) -> object:
+def admit(**kw: object) -> policy.Refusal | None:
     args: dict[str, object] = dict(
         accepting=True,
         draining=False,
@@ -288,18 +288,27 @@ def admit(**kw: object) -> object:
         budget_ms=50,
     )
     args.update(kw)
-    return policy.admission_error("m", **args)  # type: ignore[arg-type]
+    return policy.admission_refusal("m", **args)  # type: ignore[arg-type]
 
 
 def test_admission() -> None:
     assert admit() is None
-    assert isinstance(admit(draining=True, accepting=False), Unavailable)
-    assert "draining" in str(admit(draining=True))
-    assert "still compiling" in str(admit(accepting=False))
+    both = admit(draining=True, accepting=False)
+    assert both is not None and both.reason == "draining"
+    assert isinstance(both.error, Unavailable) and "draining" in str(both.error)
+    compiling = admit(accepting=False)
+    assert compiling is not None and compiling.reason == "compiling"
+    assert "still compiling" in str(compiling.error)
     full = admit(open_streams=4)
-    assert isinstance(full, ResourceExhausted) and "maximum of 4 streams" in str(full)
+    assert full is not None and full.reason == "full"
+    assert isinstance(full.error, ResourceExhausted)
+    assert "maximum of 4 streams" in str(full.error)
     busy = admit(late=30, total=100)
-    assert isinstance(busy, ResourceExhausted) and "at capacity" in str(busy)
+    assert busy is not None and busy.reason == "late"
+    assert isinstance(busy.error, ResourceExhausted) and "at capacity" in str(busy.error)
+    predicted = admit(predicted=True)
+    assert predicted is not None and predicted.reason == "predicted"
+    assert "send about as many chunks" in str(predicted.error)
 
 
 def timeout(now: float, **kw: object) -> tuple[str | None, float]:
