@@ -124,14 +124,15 @@ class Server(ServerProcess):
     def metrics_text(self) -> str:
         """`/metrics` now. An overloaded server can be slow to answer (its
         event loop is busy with streams): retry."""
-        for attempt in range(5):
+        for _ in range(4):
             try:
-                return urllib.request.urlopen(self.url("/metrics"), timeout=60).read().decode()
+                return self._scrape()
             except OSError:
-                if attempt == 4:
-                    raise
                 time.sleep(5)
-        raise AssertionError("unreachable")
+        return self._scrape()
+
+    def _scrape(self) -> str:
+        return urllib.request.urlopen(self.url("/metrics"), timeout=60).read().decode()
 
     def counters(self, model: str) -> dict[str, float]:
         """Counters a load run reads the change of: `batch_sum` and
@@ -173,7 +174,6 @@ def run(server: Server, args: argparse.Namespace, streams: int) -> dict[str, Any
     summary = asyncio.run(loadtest.run_load(args, streams, progress=False)).summary()
     threads1, own1, wall1 = thread_cpu_seconds(server.proc.pid), time.process_time(), time.time()
     cpu1, counts1 = _cpu_seconds(server.proc.pid), server.counters(args.model)
-    change = {k: v - counts0.get(k, 0.0) for k, v in counts1.items()}
     served = summary["throughput_audio_s_per_s"] * args.duration
     summary["server_cpu_s_per_audio_s"] = round((cpu1 - cpu0) / served, 4) if served else None
     # Where the cores went: the server's threads and this process (the
@@ -181,8 +181,9 @@ def run(server: Server, args: argparse.Namespace, streams: int) -> dict[str, Any
     wall = wall1 - wall0
     summary["server_cores"] = {k: round((threads1[k] - threads0[k]) / wall, 3) for k in threads1}
     summary["generator_cores"] = round((own1 - own0) / wall, 3)
-    ticks = change["batch_count"]
-    summary["mean_batch"] = round(change["batch_sum"] / ticks, 2) if ticks else None
+    ticks = counts1["batch_count"] - counts0["batch_count"]
+    batch_sum = counts1["batch_sum"] - counts0["batch_sum"]
+    summary["mean_batch"] = round(batch_sum / ticks, 2) if ticks else None
     # Which admission rule refused the streams the generator counts as refused.
     summary["refused_by_reason"] = refusals(counts0, counts1)
     lat = summary["chunk_latency_ms"]
