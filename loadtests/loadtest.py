@@ -187,6 +187,7 @@ async def run_load(args: argparse.Namespace, streams: int, progress: bool = True
     audio = (rng.normal(size=(int(args.utterance_s * rate), *shape)) * 0.1).astype(np.float32)
     lean = lean_client(args, info, audio, rate)
     results: list[StreamResult] = []
+    running = 0  # utterances started and not yet ended, for the progress line
     start = time.monotonic()
     end = start + args.duration
 
@@ -202,8 +203,13 @@ async def run_load(args: argparse.Namespace, streams: int, progress: bool = True
         await asyncio.sleep(args.ramp_up * index / max(streams, 1))
         backoff = random.Random(index)
         failures = 0
+        nonlocal running
         while time.monotonic() < end:
-            result = await utterance()
+            running += 1
+            try:
+                result = await utterance()
+            finally:
+                running -= 1
             results.append(result)
             if not result.error:
                 failures = 0
@@ -226,9 +232,11 @@ async def run_load(args: argparse.Namespace, streams: int, progress: bool = True
             lat = [x for r in results for x in r.chunk_latencies]
             p99 = np.percentile(lat, 99) * 1000 if lat else float("nan")
             errors = sum(1 for r in results if r.error)
+            # Utterances end only after their audio (8 s in bench_e2e):
+            # `running` shows the streams at work before the first one ends.
             print(
-                f"\r[{time.monotonic() - start:5.1f}s] streams {streams} utterances {len(results)} "
-                f"errors {errors} chunk p99 {p99:7.1f} ms",
+                f"\r[{time.monotonic() - start:5.1f}s] streams {streams} running {running} "
+                f"utterances {len(results)} errors {errors} chunk p99 {p99:7.1f} ms",
                 end="",
                 file=sys.stderr,
             )
