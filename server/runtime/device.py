@@ -368,6 +368,15 @@ class Device:
         First executions allocate the runtime's buffers and took up to
         100 ms, which the first streams after start-up paid as latency.
 
+        Every program runs once before any is timed. Timed right after its
+        own first run, a bucket's ticks could still be taking fresh memory
+        from the kernel: demo-asr's 64-row tick took ~8,000 page faults a
+        run and 30-36 ms instead of 21 (2-core EPYC: in 8 start-ups of 9;
+        in none of 5 once every program had run). Seeded that slow, the
+        bucket was never chosen while the one below it ran (its estimate
+        scales from its seed), and admission, which predicts from the best
+        bucket's rate, refused streams the device had room for.
+
         The state changes: these ticks step real rows. That is harmless
         because no stream is active yet and every new stream resets its
         slot (or has its row written) before its first step.
@@ -386,12 +395,16 @@ class Device:
             ids = np.full((b,), self.padding_slot, np.int32)
             ids[:k] = np.linspace(0, slots_n - 1, k).astype(np.int32)
             partial.append(ids)
-        seconds: dict[int, float] = {}
+        ticks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for slots in [*partial, full]:
             b = slots.shape[0]
             x = np.zeros((b, self.chunk_frames, *spec.shape), spec.dtype)
             lengths = np.zeros((b,), np.int32)
+            ticks.append((slots, x, lengths))
             self.run_tick(slots, x, lengths)
+        seconds: dict[int, float] = {}
+        for slots, x, lengths in ticks:
+            b = slots.shape[0]
             # The faster of two timed runs: these are the estimates of
             # buckets not run lately, scaled by how the nearest running one
             # has slowed (`policy.TickTimes`), and rank the buckets a loaded
