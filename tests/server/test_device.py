@@ -44,12 +44,8 @@ def test_slot_ids_may_be_reused_as_soon_as_a_tick_is_dispatched() -> None:
         assert stepped == [True] * 4 + [False] * 4
 
 
-def test_warm_up_times_each_bucket_on_distinct_rows() -> None:
-    # The warm-up's times rank the buckets (`policy.tick_size`) and scale
-    # the estimates of buckets not run lately. A tick under load steps
-    # distinct rows; timed on one row, kept in cache, big buckets looked
-    # as cheap per row as small ones (demo-asr: 128 rows 2.0x of 64 on one
-    # row, 2.5x on distinct rows).
+def _recorded_warm_up() -> tuple[Device, dict[int, float], list[np.ndarray]]:
+    """A small model's `warm_up()`, with the slot ids of every tick it ran."""
     config = sl.Serial.Config((sl.Conv1D.Config(filters=2, kernel_size=3, padding="causal"),))
     model = ServableModel("conv", config, init_variables(config, (4,), seed=0), (4,))
     device = Device(model, SchedulerConfig(max_streams=6, buckets=(2, 4, 8)), chunk_frames=4)
@@ -63,7 +59,16 @@ def test_warm_up_times_each_bucket_on_distinct_rows() -> None:
         return run_tick(ids, x, lengths)
 
     device.run_tick = recording  # type: ignore[method-assign,assignment]
-    seconds = device.warm_up()
+    return device, device.warm_up(), seen
+
+
+def test_warm_up_times_each_bucket_on_distinct_rows() -> None:
+    # The warm-up's times rank the buckets (`policy.tick_size`) and scale
+    # the estimates of buckets not run lately. A tick under load steps
+    # distinct rows; timed on one row, kept in cache, big buckets looked
+    # as cheap per row as small ones (demo-asr: 128 rows 2.0x of 64 on one
+    # row, 2.5x on distinct rows).
+    device, seconds, seen = _recorded_warm_up()
     assert sorted(seconds) == [2, 4, 6, 8]
     for ids in seen:
         rows = ids[ids != device.padding_slot]
@@ -75,21 +80,8 @@ def test_warm_up_runs_every_program_before_timing_any() -> None:
     # taking fresh memory from the kernel (demo-asr's 64 rows: ~8,000 page
     # faults, 30-36 ms instead of 21), and a bucket seeded that slow was
     # never chosen. So every program runs once, then each is timed.
-    config = sl.Serial.Config((sl.Conv1D.Config(filters=2, kernel_size=3, padding="causal"),))
-    model = ServableModel("conv", config, init_variables(config, (4,), seed=0), (4,))
-    device = Device(model, SchedulerConfig(max_streams=6, buckets=(2, 4, 8)), chunk_frames=4)
-    device.build()
-    assert device.compile()
-    sizes: list[int] = []
-    run_tick = device.run_tick
-
-    def recording(ids: np.ndarray, x: np.ndarray, lengths: np.ndarray) -> object:
-        sizes.append(len(ids))
-        return run_tick(ids, x, lengths)
-
-    device.run_tick = recording  # type: ignore[method-assign,assignment]
-    seconds = device.warm_up()
+    _, seconds, seen = _recorded_warm_up()
     # Buckets 2, 4, 8 and the full tick of all 6 slots: once each, then
     # two timed runs each.
-    assert sizes == [2, 4, 8, 6, 2, 2, 4, 4, 8, 8, 6, 6]
+    assert [len(ids) for ids in seen] == [2, 4, 8, 6, 2, 2, 4, 4, 8, 8, 6, 6]
     assert all(s > 0 for s in seconds.values())
