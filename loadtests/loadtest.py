@@ -200,10 +200,10 @@ async def run_load(args: argparse.Namespace, streams: int, progress: bool = True
         )
 
     async def worker(index: int) -> None:
+        nonlocal running
         await asyncio.sleep(args.ramp_up * index / max(streams, 1))
         backoff = random.Random(index)
         failures = 0
-        nonlocal running
         while time.monotonic() < end:
             running += 1
             try:
