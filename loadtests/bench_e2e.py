@@ -32,6 +32,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -169,18 +170,45 @@ def refusals(before: dict[str, float], after: dict[str, float]) -> dict[str, int
 def run(server: Server, args: argparse.Namespace, streams: int) -> dict[str, Any]:
     """One load run of `streams` real-time streams: the generator's summary,
     plus the server's CPU per served audio second and its mean batch."""
-    cpu0, counts0 = _cpu_seconds(server.proc.pid), server.counters(args.model)
-    threads0, own0, wall0 = thread_cpu_seconds(server.proc.pid), time.process_time(), time.time()
-    summary = asyncio.run(loadtest.run_load(args, streams, progress=False)).summary()
-    threads1, own1, wall1 = thread_cpu_seconds(server.proc.pid), time.process_time(), time.time()
-    cpu1, counts1 = _cpu_seconds(server.proc.pid), server.counters(args.model)
+    pid = server.proc.pid
+    counts0 = server.counters(args.model)
+    cpu0, threads0, own0, wall0 = (
+        _cpu_seconds(pid),
+        thread_cpu_seconds(pid),
+        time.process_time(),
+        time.time(),
+    )
+    window: dict[str, Any] = {}
+
+    def snapshot() -> None:
+        window.update(
+            cpu=_cpu_seconds(pid),
+            threads=thread_cpu_seconds(pid),
+            own=time.process_time(),
+            wall=time.time(),
+            counts=server.counters(args.model),
+        )
+
+    # The server's CPU and counters over the run's window, the seconds the
+    # served audio is counted over; the tail of the utterances still running
+    # when it closes (fewer streams, smaller ticks) is left out. Read on a
+    # thread: the scrape would hold up the generator's event loop.
+    reader = threading.Thread(target=snapshot)
+    stats = asyncio.run(
+        loadtest.run_load(args, streams, progress=False, at_window_end=reader.start)
+    )
+    reader.join()
+    summary = stats.summary()
+    counts1 = window["counts"]
     served = summary["throughput_audio_s_per_s"] * args.duration
-    summary["server_cpu_s_per_audio_s"] = round((cpu1 - cpu0) / served, 4) if served else None
+    cpu = window["cpu"] - cpu0
+    summary["server_cpu_s_per_audio_s"] = round(cpu / served, 4) if served else None
     # Where the cores went: the server's threads and this process (the
-    # load generator), in cores over the run.
-    wall = wall1 - wall0
+    # load generator), in cores over the window.
+    wall = window["wall"] - wall0
+    threads1 = window["threads"]
     summary["server_cores"] = {k: round((threads1[k] - threads0[k]) / wall, 3) for k in threads1}
-    summary["generator_cores"] = round((own1 - own0) / wall, 3)
+    summary["generator_cores"] = round((window["own"] - own0) / wall, 3)
     ticks = counts1["batch_count"] - counts0["batch_count"]
     batch_sum = counts1["batch_sum"] - counts0["batch_sum"]
     summary["mean_batch"] = round(batch_sum / ticks, 2) if ticks else None

@@ -28,7 +28,7 @@ import ssl
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,11 @@ class StreamResult:
 class RunStats:
     streams: int
     results: list[StreamResult]
+    # Seconds from the first stream's start until the last utterance ended:
+    # the window, then the tail of the utterances that were running at its end.
     duration: float
+    # Seconds in which streams started utterances (`--duration`); None: `duration`.
+    window: float | None = None
 
     def summary(self) -> dict[str, Any]:
         lat = np.array([x for r in self.results for x in r.chunk_latencies]) * 1000
@@ -69,11 +73,13 @@ class RunStats:
         ok = [r for r in self.results if r.error is None]
         # Served audio only: a refused or failed utterance was not served,
         # and counting it would show overload as throughput.
-        # Audio sent within the run's window: utterances that start before
-        # it closes run on past it, and counting all of their audio over
-        # the window's length overstated the rate by up to 1.2x (8 s
-        # utterances, 20 s runs).
+        # Audio sent within the run's window, over the window's length.
+        # Utterances that start before it closes run on past it: over the
+        # window, all of their audio overstated the rate by up to 1.2x (8 s
+        # utterances, 20 s runs); the window's audio over the whole run,
+        # window and tail, understated it by 1.3x.
         audio = sum(r.audio_seconds if r.audio_in_window is None else r.audio_in_window for r in ok)
+        window = self.window if self.window is not None else self.duration
         refused = sum(1 for r in self.results if r.error == "RESOURCE_EXHAUSTED")
         pct = lambda a, q: round(float(np.percentile(a, q)), 2) if a.size else None
         return {
@@ -84,7 +90,7 @@ class RunStats:
             # Streams refused at admission (RESOURCE_EXHAUSTED): the server
             # protecting the streams it has, not a failure of theirs.
             "refused": refused,
-            "throughput_audio_s_per_s": round(audio / self.duration, 2),
+            "throughput_audio_s_per_s": round(audio / window, 2),
             "real_time_factor": round(
                 float(np.mean([r.wall_seconds / r.audio_seconds for r in ok if r.audio_seconds])), 3
             )
@@ -167,7 +173,15 @@ def lean_client(
     return LeanClient(args.url, args.model, plan, api_key=args.api_key, ssl_context=context)
 
 
-async def run_load(args: argparse.Namespace, streams: int, progress: bool = True) -> RunStats:
+async def run_load(
+    args: argparse.Namespace,
+    streams: int,
+    progress: bool = True,
+    at_window_end: Callable[[], None] | None = None,
+) -> RunStats:
+    """`streams` workers starting utterances for `args.duration` seconds;
+    `at_window_end` is called when that window closes (bench_e2e reads the
+    server's CPU there, over the same seconds as the served audio)."""
     # What exists now lives through the run: frozen, the collector's full
     # passes skip it. In a process that also holds JAX and compiled models
     # (loadtests/bench_e2e.py), a full pass stalled this event loop for
@@ -241,13 +255,20 @@ async def run_load(args: argparse.Namespace, streams: int, progress: bool = True
                 file=sys.stderr,
             )
 
+    async def window_closed(call: Callable[[], None]) -> None:
+        await asyncio.sleep(max(0.0, end - time.monotonic()))
+        call()
+
     reporter = asyncio.create_task(report()) if progress else None
+    closer = asyncio.create_task(window_closed(at_window_end)) if at_window_end else None
     await asyncio.gather(*(worker(i) for i in range(streams)))
+    if closer:
+        await closer  # workers return only once the window is over
     if reporter:
         reporter.cancel()
         print("", file=sys.stderr)
     await client.close()
-    return RunStats(streams, results, time.monotonic() - start)
+    return RunStats(streams, results, time.monotonic() - start, args.duration)
 
 
 def capacity_search(first: int, most: int) -> Generator[int, bool, int]:

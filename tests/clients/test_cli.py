@@ -202,6 +202,32 @@ def test_sl_loadtest_report_and_plot(server: ServerProcess, door: str, tmp_path:
     assert result["real_time_factor"] >= 0.9
 
 
+def test_sl_loadtest_counts_the_windows_audio_over_the_window(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """Two real-time streams (the second starts 0.25 s in) for a 3 s window,
+    in 2 s utterances: 5.75 s of audio sent within it, and the second
+    utterances run on until ~4.3 s. Over the window that is ~1.9 audio s/s;
+    over the whole run, window and tail, it read ~1.35. A chunk counts when
+    it is sent, at the time of its first sample: up to a chunk (0.16 s) a
+    stream above real time."""
+    result = loadtest(
+        server, "ws", tmp_path, "--streams", "2", "--duration", "3", "--utterance-s", "2"
+    )
+    check_run(result, 2)
+    assert 1.6 <= result["throughput_audio_s_per_s"] <= 2 * (3 + 0.16) / 3
+
+
+def test_run_summary_throughput_is_the_windows_audio_over_the_window() -> None:
+    ended_inside = lt.StreamResult([0.01], 0.01, 8.0, 8.0, None, 8.0)
+    ran_past_the_end = lt.StreamResult([0.01], 0.01, 8.0, 8.0, None, 4.0)
+    refused = lt.StreamResult([], None, 8.0, 0.01, "RESOURCE_EXHAUSTED")
+    stats = lt.RunStats(2, [ended_inside, ran_past_the_end, refused], duration=24.0, window=20.0)
+    summary = stats.summary()
+    assert summary["throughput_audio_s_per_s"] == pytest.approx(12.0 / 20.0)
+    assert summary["refused"] == 1
+
+
 def test_sl_loadtest_lean_and_full_websocket_clients_agree(
     server: ServerProcess, tmp_path: Path
 ) -> None:
